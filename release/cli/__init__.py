@@ -1,0 +1,41 @@
+"""The `model-release` command: one module per command group, each thin over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from release import __version__
+from release.cli.convert import convert_command
+from release.cli.fixture import fixture_command
+from release.cli.inspect import inspect_command
+
+app = typer.Typer(
+    name="model-release",
+    help="Turn a trained language-model checkpoint into a verified, licensed, published release.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"model-release {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Exit codes everywhere: 0 ok, 1 a check failed, 2 bad input."""
+
+
+app.command("convert")(convert_command)
+app.command("inspect")(inspect_command)
+app.command("fixture")(fixture_command)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,97 @@
+"""Shared CLI plumbing: one error path, JSON output, rich progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
+from release.errors import ReleaseError
+from release.progress import Reporter
+
+T = TypeVar("T")
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+JSON_HELP = "Print a machine-readable JSON summary on stdout (errors too) instead of text."
+QUIET_HELP = "No progress bars."
+
+
+class RichReporter(Reporter):
+    """Progress bars on stderr; silent when stderr is not a terminal except for warnings."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and stderr.is_terminal
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def start(self, description: str, total: int | None = None) -> None:
+        self.done()
+        if not self.enabled:
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}")]
+        if total:
+            columns += [BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+        columns.append(TimeElapsedColumn())
+        self._progress = Progress(*columns, console=stderr, transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, amount)
+
+    def done(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def warn(self, message: str) -> None:
+        stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) -> T:
+    """Run a command body; expected failures become one line (or JSON) and their exit code."""
+    reporter = RichReporter(enabled=not (quiet or as_json))
+    try:
+        return action(reporter)
+    except ReleaseError as exc:
+        reporter.done()
+        if as_json:
+            print_json(exc.to_dict())
+        else:
+            hint = f" ({exc.hint})" if exc.hint else ""
+            stderr.print(f"[red]error:[/] {exc.message}{hint}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        reporter.done()
+        stderr.print("[red]interrupted[/]: nothing was written")
+        raise typer.Exit(130) from None
+    finally:
+        reporter.done()
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"

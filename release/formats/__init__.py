@@ -1,0 +1,1 @@
+"""Output formats. Each module has the same shape: plan, write (atomically), self-check."""
