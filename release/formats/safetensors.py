@@ -173,12 +173,17 @@ class ConvertResult:
         return {"ok": True, **asdict(self)}
 
 
-def _write_config(ckpt: Checkpoint, out: Path, target: str | None) -> None:
+def _write_config(ckpt: Checkpoint, out: Path, shards: list[Shard]) -> None:
+    """Copy config.json, with its dtype saying what the float weights now are (by parameter count)."""
     config = dict(ckpt.config)
-    if target is not None:
-        name = dtypes.CONFIG_DTYPE_NAMES[target]
-        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-        for k in keys:
+    params: dict[str, int] = {}
+    for s in shards:
+        for t in s.tensors:
+            if t.dtype in dtypes.CONFIG_DTYPE_NAMES:
+                params[t.dtype] = params.get(t.dtype, 0) + t.ref.numel
+    if params:
+        name = dtypes.CONFIG_DTYPE_NAMES[max(params, key=params.__getitem__)]
+        for k in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[k] = name
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -326,7 +331,7 @@ def convert(
                 verify_output(tmp, shards, written, final, reporter)
                 reporter.done()
                 _write_index(tmp, shards)
-                _write_config(ckpt, tmp, target)
+                _write_config(ckpt, tmp, shards)
                 copied = []
                 for p in ckpt.extra_files():
                     shutil.copyfile(p, tmp / p.name)
