@@ -80,7 +80,9 @@ def test_hash_changes_when_one_value_changes(tiny, tmp_path):
     assert convert(src2, tmp_path / "b").source_checkpoint_hash != first
 
 
-@pytest.mark.parametrize(("flag", "dtype", "name"), [("fp32", torch.float32, "float32"), ("fp16", torch.float16, "float16")])
+@pytest.mark.parametrize(
+    ("flag", "dtype", "name"), [("fp32", torch.float32, "float32"), ("fp16", torch.float16, "float16")]
+)
 def test_cast_equals_torch_cast(tiny, cli, tmp_path, flag, dtype, name):
     src, _, state = tiny("bin-single")
     out = tmp_path / "out"

