@@ -68,6 +68,9 @@ class Checkpoint:
     def open(self, ref: TensorRef) -> AbstractContextManager[torch.Tensor]:
         return self._file_of[ref.name].open(ref)
 
+    def raw_range(self, ref: TensorRef) -> tuple[int, int] | None:
+        return self._file_of[ref.name].raw_range(ref)
+
     def file_of(self, name: str) -> TensorFile:
         return self._file_of[name]
 

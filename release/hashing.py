@@ -20,9 +20,10 @@ _HEX_LEN = 64
 PLACEHOLDER_HASH = CHECKPOINT_HASH_PREFIX + "0" * _HEX_LEN  # same length as a real one
 
 
-def tensor_digest(buf: memoryview | bytes) -> str:
-    """BLAKE3 of one tensor's raw little-endian bytes."""
-    return blake3.blake3(buf, max_threads=blake3.blake3.AUTO).hexdigest()
+def tensor_digest(buf: memoryview | bytes, threads: int = blake3.blake3.AUTO) -> str:
+    """BLAKE3 of one tensor's raw little-endian bytes. ``threads=1`` when the caller already runs
+    the hash beside other work (convert), so the two do not fight over 2 cores."""
+    return blake3.blake3(buf, max_threads=threads).hexdigest()
 
 
 def write_digest(buf: memoryview | bytes) -> str:

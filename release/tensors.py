@@ -45,7 +45,7 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-_LIBC = _libc()
+LIBC = _libc()
 
 
 def drop_pages(address: int, length: int) -> None:
@@ -53,11 +53,11 @@ def drop_pages(address: int, length: int) -> None:
 
     Only used on ranges of file-backed MAP_PRIVATE mappings that we never write, so no data is lost.
     """
-    if _LIBC is None or length <= 0:
+    if LIBC is None or length <= 0:
         return
     start = address - address % _PAGE
     end = address + length
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,10 @@ class TensorFile:
 
     def open(self, ref: TensorRef) -> contextlib.AbstractContextManager[torch.Tensor]:
         raise NotImplementedError
+
+    def raw_range(self, ref: TensorRef) -> tuple[int, int] | None:
+        """(file descriptor, offset) when the tensor's bytes lie verbatim in the file, else None."""
+        return None
 
     def close(self) -> None:
         pass
@@ -167,6 +171,9 @@ class SafetensorsFile(TensorFile):
     def byte_range(self, name: str) -> tuple[int, int]:
         """(file offset, length) of a tensor's data."""
         return self._offsets[name]
+
+    def raw_range(self, ref: TensorRef) -> tuple[int, int] | None:
+        return self._fd, self._offsets[ref.name][0]
 
     @contextlib.contextmanager
     def open(self, ref: TensorRef) -> Iterator[torch.Tensor]:

@@ -15,7 +15,7 @@ from release import hashing
 from release.errors import CheckFailedError
 from release.formats import safetensors as st_format
 from release.formats.safetensors import convert, parse_size, plan_shards
-from release.tensors import TensorRef
+from release.tensors import TensorRef, parse_safetensors_header
 from tests.conftest import leftovers
 
 LAYOUTS = ["st-single", "st-sharded", "st-file", "bin-single", "bin-sharded", "pt-file", "pth-wrapped"]
@@ -188,19 +188,24 @@ def test_tiny_logits_equal_after_convert(tiny, cli, tmp_path):
         assert torch.equal(a(ids).logits, b(ids).logits)
 
 
-def test_write_check_catches_a_corrupted_write(tiny, cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["st-single", "bin-single"])  # kernel copy and write() paths
+def test_write_check_catches_a_corrupted_write(tiny, cli, tmp_path, monkeypatch, layout):
     """The read-back check must fail (exit 1) when a byte on disk differs from the source."""
-    src, _, _ = tiny("st-single")
-    real_write = st_format.ShardWriter.write
+    src, _, _ = tiny(layout)
+    real_finish = st_format.ShardWriter.finish
 
-    def corrupting_write(self, name, data):
-        if name == "model.norm.weight":
-            data = bytearray(data)
-            data[0] ^= 0xFF
-            data = memoryview(data)
-        real_write(self, name, data)
+    def finish_then_corrupt(self, metadata):  # one flipped byte on disk, after the writer is done
+        real_finish(self, metadata)
+        start, header = parse_safetensors_header(self.path)
+        if "model.norm.weight" in header:
+            offset = start + header["model.norm.weight"]["data_offsets"][0]
+            with open(self.path, "r+b") as f:
+                f.seek(offset)
+                byte = f.read(1)[0]
+                f.seek(offset)
+                f.write(bytes([byte ^ 0xFF]))
 
-    monkeypatch.setattr(st_format.ShardWriter, "write", corrupting_write)
+    monkeypatch.setattr(st_format.ShardWriter, "finish", finish_then_corrupt)
     out = tmp_path / "out"
     r = cli("convert", src, "-o", out)
     assert r.exit_code == 1
@@ -230,3 +235,24 @@ def test_parse_size():
     assert parse_size("500 mb") == 500 * 10**6
     assert parse_size(1234) == 1234
     assert hashing.PLACEHOLDER_HASH.startswith(hashing.CHECKPOINT_HASH_PREFIX)
+
+
+def test_without_copy_file_range_falls_back_to_write(tiny, tmp_path, monkeypatch):
+    """Filesystems or kernels without copy_file_range (ENOSYS, EXDEV) still convert bit-exact."""
+    import errno
+    import os
+
+    calls = []
+
+    def no_copy(*args):
+        calls.append(args)
+        raise OSError(errno.ENOSYS, "not implemented")
+
+    monkeypatch.setattr(os, "copy_file_range", no_copy)
+    src, _, state = tiny("st-sharded")
+    convert(src, tmp_path / "out")
+    assert calls, "the kernel copy was not even tried"
+    got = load_output(tmp_path / "out")
+    assert set(got) == set(state)
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
