@@ -87,6 +87,9 @@ class Architecture:
         if missing:
             raise BadInputError(f"config.json lacks {', '.join(missing)} required for {self.name}")
         values = dict(self.config)
+        # transformers 5 moved rope_theta (and the scaling type) into a nested rope_parameters dict.
+        for k, v in (self.config.get("rope_parameters") or {}).items():
+            values.setdefault(k, v)
         for key, default in self.spec.get("config_defaults", {}).items():
             if values.get(key) is None:
                 values[key] = evaluate(default, values) if isinstance(default, str) else default

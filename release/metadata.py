@@ -1,15 +1,28 @@
 """The one release metadata object every writer turns into its format's fields.
 
-Nobody invents license or provenance fields locally: safetensors ``__metadata__`` (here), GGUF
-``general.*`` and the model card YAML (later) are all rendered from ``ReleaseMetadata``. This
-issue fills provenance; licensing and lineage extend the same object.
+Nobody invents license or provenance fields locally: safetensors ``__metadata__``, GGUF
+``general.*`` and the model card YAML (later) are all rendered from ``ReleaseMetadata``. License
+names and links come from the registry in ``release/data/licenses.json``, never from a guess.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from release import TOOL_NAME, __version__
+from release.architectures import data_file
+from release.errors import BadInputError
+
+
+def license_info(license_id: str) -> dict[str, str]:
+    """Registry entry (name, link, spdx) of a Hugging Face license id; unknown ids are refused."""
+    known = data_file("licenses.json")["licenses"]
+    if license_id not in known:
+        raise BadInputError(f"unknown license {license_id!r} (known: {', '.join(sorted(known))})")
+    return known[license_id]
 
 
 @dataclass(frozen=True)
@@ -17,8 +30,15 @@ class BaseModel:
     """A model this release descends from, with the license its weights carry."""
 
     name: str
+    organization: str | None = None
+    repo_url: str | None = None
     license: str | None = None
-    url: str | None = None
+
+    @classmethod
+    def from_repo(cls, repo_id: str, license: str | None = None) -> BaseModel:
+        """``meta-llama/Llama-2-7b-hf`` -> name, organization and Hub URL."""
+        org, _, name = repo_id.rpartition("/")
+        return cls(name=name, organization=org or None, repo_url=f"https://huggingface.co/{repo_id}", license=license)
 
 
 @dataclass(frozen=True)
@@ -29,6 +49,8 @@ class ReleaseMetadata:
     source_format: str | None = None  # safetensors | pytorch
     license: str | None = None  # Hugging Face license id decided for the weights
     base_models: tuple[BaseModel, ...] = field(default_factory=tuple)
+    repo_url: str | None = None  # where this release is published
+    quantized_by: str | None = None
     tool: str = TOOL_NAME
     tool_version: str = __version__
 
@@ -38,6 +60,29 @@ class ReleaseMetadata:
     @property
     def producer(self) -> str:
         return f"{self.tool} {self.tool_version}"
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> ReleaseMetadata:
+        """A release metadata file: {"name", "version", "license", "base_models": [{"name", ...}], ...}."""
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"{path}: cannot read release metadata ({exc})") from None
+        if not isinstance(raw, dict):
+            raise BadInputError(f"{path}: release metadata must be a JSON object")
+        fields = {"name", "version", "license", "repo_url", "quantized_by", "base_models"}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise BadInputError(f"{path}: unknown release metadata field(s) {', '.join(unknown)}")
+        bases = tuple(BaseModel(**b) for b in raw.pop("base_models", []))
+        meta = cls(**raw, base_models=bases)
+        meta.check()
+        return meta
+
+    def check(self) -> None:
+        for lic in [self.license, *(b.license for b in self.base_models)]:
+            if lic:
+                license_info(lic)
 
     def to_safetensors(self) -> dict[str, str]:
         """``__metadata__`` of every shard we write (values must be strings)."""
@@ -51,4 +96,31 @@ class ReleaseMetadata:
             "base_model": ",".join(b.name for b in self.base_models) or None,
         }
         out.update({k: v for k, v in optional.items() if v})
+        return out
+
+    def to_gguf(self) -> Any:
+        """A ``gguf.Metadata`` (general.* keys); the caller adds our own provenance keys."""
+        import gguf
+
+        lic = license_info(self.license) if self.license else {}
+        bases = []
+        for b in self.base_models:
+            entry = {"name": b.name, "organization": b.organization, "repo_url": b.repo_url}
+            bases.append({k: v for k, v in entry.items() if v})
+        return gguf.Metadata(
+            name=self.name,
+            version=self.version,
+            license=self.license,
+            license_name=lic.get("name"),
+            license_link=lic.get("link"),
+            base_models=bases or None,
+            repo_url=self.repo_url,
+            quantized_by=self.quantized_by,
+        )
+
+    def gguf_provenance(self) -> dict[str, str]:
+        """Keys of our own namespace: llama.cpp ignores them, `inspect` and `fetch` read them."""
+        out = {"model_release.producer": self.producer}
+        if self.source_checkpoint_hash:
+            out["model_release.source_checkpoint_hash"] = self.source_checkpoint_hash
         return out

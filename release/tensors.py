@@ -86,6 +86,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """True if a float tensor holds NaN or Inf. aminmax propagates both and runs ~25 GB/s
+    (``isfinite().all()`` runs 0.5 GB/s on bf16 here)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return False
+    try:
+        lo, hi = torch.aminmax(t)
+        return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
+    except RuntimeError:  # dtypes without aminmax kernels (float8)
+        return not bool(torch.isfinite(t.float()).all())
+
+
 class TensorFile:
     """A file of tensors. Subclasses fill ``refs`` and implement ``open``."""
 

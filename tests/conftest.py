@@ -164,4 +164,4 @@ def smollm2():
 
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders a failed run must not leave behind."""
-    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    return [p.name for p in parent.rglob("*") if any(m in p.name for m in (".partial-", ".old-", ".model-release-"))]

@@ -7,6 +7,7 @@ import typer
 from release import __version__
 from release.cli.convert import convert_command
 from release.cli.fixture import fixture_command
+from release.cli.gguf import gguf_command
 from release.cli.inspect import inspect_command
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ def _root(
 
 
 app.command("convert")(convert_command)
+app.command("gguf")(gguf_command)
 app.command("inspect")(inspect_command)
 app.command("fixture")(fixture_command)
 

@@ -1,0 +1,98 @@
+"""`model-release gguf`: an HF checkpoint -> GGUF files for llama.cpp, one per requested type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, print_json, run, stdout
+from release.formats.gguf import GGUFResult, gguf_types, write_gguf
+from release.metadata import BaseModel, ReleaseMetadata
+
+
+def release_metadata(
+    metadata_file: Path | None,
+    name: str | None,
+    version: str | None,
+    license: str | None,
+    base_models: list[str],
+    repo_url: str | None,
+    quantized_by: str | None,
+) -> ReleaseMetadata:
+    """A metadata file, overridden by the flags given on the command line."""
+    meta = ReleaseMetadata.from_json_file(metadata_file) if metadata_file else ReleaseMetadata()
+    changes: dict[str, object] = {
+        k: v
+        for k, v in {
+            "name": name,
+            "version": version,
+            "license": license,
+            "repo_url": repo_url,
+            "quantized_by": quantized_by,
+        }.items()
+        if v is not None
+    }
+    if base_models:
+        changes["base_models"] = tuple(BaseModel.from_repo(b) for b in base_models)
+    meta = meta.with_(**changes)
+    meta.check()
+    return meta
+
+
+def gguf_command(
+    src: Path = typer.Argument(..., help="HF Llama-architecture checkpoint folder (e.g. what `convert` writes)."),
+    out: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
+    types: list[str] = typer.Option(
+        ["Q8_0"], "--type", "-t", help=f"GGUF type, repeatable. One of: {', '.join(gguf_types())}."
+    ),
+    name: str | None = typer.Option(None, "--name", help="general.name and file prefix (default: SRC folder name)."),
+    version: str | None = typer.Option(None, "--version", help="general.version."),
+    license: str | None = typer.Option(None, "--license", help="License id of the weights, e.g. llama2, apache-2.0."),
+    base_model: list[str] = typer.Option([], "--base-model", help="Hub repo id this model derives from (repeatable)."),
+    repo_url: str | None = typer.Option(None, "--repo-url", help="Where this release is published."),
+    quantized_by: str | None = typer.Option(None, "--quantized-by", help="general.quantized_by."),
+    metadata_file: Path | None = typer.Option(None, "--metadata", help="Release metadata JSON (flags override it)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output files."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf weights instead of failing."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+) -> None:
+    """Write `OUT/<name>-<TYPE>.gguf` for every --type, reading the source once.
+
+    F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 are converted directly; the k-quant mixes (Q6_K, Q5_K_M,
+    Q4_K_M, Q3_K_M, Q2_K) are made by llama.cpp's quantizer from a lossless intermediate. Each file
+    carries the tokenizer, chat template, hyper-parameters, license and lineage metadata, and the
+    source checkpoint hash. Exit codes: 0 done, 1 a written file failed its check, 2 bad input.
+    """
+    result: GGUFResult = run(
+        lambda rep: write_gguf(
+            src,
+            out,
+            types,
+            name=name,
+            metadata=release_metadata(metadata_file, name, version, license, base_model, repo_url, quantized_by),
+            force=force,
+            allow_nonfinite=allow_nonfinite,
+            reporter=rep,
+        ),
+        as_json=as_json,
+        quiet=quiet,
+    )
+    if as_json:
+        print_json(result.to_dict())
+        return
+    table = Table(title=result.output_dir, header_style="bold")
+    for col in ("type", "file", "size", "tensor types"):
+        table.add_column(col)
+    for o in result.outputs:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(o.tensor_types.items()))
+        table.add_row(o.type, o.file, human_bytes(o.bytes), kinds)
+    stdout.print(table)
+    for o in result.outputs:
+        if o.fallbacks:
+            stdout.print(
+                f"{o.type}: {len(o.fallbacks)} tensor(s) use a fallback type, e.g. {o.fallbacks[0]}", highlight=False
+            )
+    stdout.print(f"source checkpoint hash {result.source_checkpoint_hash}, {result.seconds:.1f} s", highlight=False)

@@ -1,0 +1,550 @@
+"""GGUF variants for llama.cpp: plan, write (atomic), self-check.
+
+One pass over the source writes every requested "direct" type at once (F32, F16, BF16 and the
+legacy block quants, converted with the ``gguf`` package's numpy quantizers); each source tensor
+is read once, converted for every output, written, and dropped. The k-quant mixes (Q4_K_M, ...)
+are made by llama.cpp's own quantizer (``llama_cpp.llama_model_quantize``) from a lossless
+intermediate written in that same pass (BF16 for a bf16 source), never by re-reading the source.
+
+Tensor names come from ``gguf.TensorNameMap``; per-tensor type rules and the Q/K row permutation
+follow llama.cpp's ``convert_hf_to_gguf`` so that files match the reference converter's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from release import hashing
+from release.architectures import Architecture, data_file
+from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
+from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
+from release.formats.gguf_vocab import GGUFVocab, load_vocab
+from release.metadata import ReleaseMetadata
+from release.progress import NULL, Reporter
+from release.tensors import TensorRef, has_nonfinite, tensor_bytes
+
+Q = gguf.GGMLQuantizationType
+# llama.cpp's k-quants work on super-blocks of 256 values along a row.
+K_BLOCK = 256
+LEGACY_LOW_BIT = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    name: str
+    via: str  # gguf | llama.cpp
+    file_type: gguf.LlamaFileType
+    tensor_type: Q | None  # for via == gguf
+
+
+def gguf_types() -> dict[str, GGUFType]:
+    out = {}
+    for name, spec in data_file("gguf", "types.json")["types"].items():
+        tensor_type = Q[spec["tensor_type"]] if "tensor_type" in spec else None
+        out[name] = GGUFType(name, spec["via"], gguf.LlamaFileType[spec["file_type"]], tensor_type)
+    return out
+
+
+def resolve_types(names: list[str]) -> list[GGUFType]:
+    known = gguf_types()
+    by_upper = {k.upper(): v for k, v in known.items()}
+    out: list[GGUFType] = []
+    for n in names:
+        t = by_upper.get(n.strip().upper())
+        if t is None:
+            raise BadInputError(f"unknown GGUF type {n!r} (known: {', '.join(known)})")
+        if t not in out:
+            out.append(t)
+    if not out:
+        raise BadInputError(f"no GGUF type requested (known: {', '.join(known)})")
+    return out
+
+
+@dataclass
+class PlannedTensor:
+    ref: TensorRef
+    name: str  # GGUF name
+    permute_heads: int | None  # rotary row permutation (q/k projections)
+
+    is_output: bool = False  # output.weight, or token_embd.weight when the two are tied
+
+    @property
+    def is_norm_or_vector(self) -> bool:
+        return len(self.ref.shape) <= 1 or self.name.endswith("_norm.weight")
+
+    def tensor_type(self, t: GGUFType) -> Q:
+        """The converter's rules: vectors and norms stay F32; a row that is not a whole number of
+        quant blocks falls back to F16."""
+        assert t.tensor_type is not None
+        if self.is_norm_or_vector:
+            return Q.F32
+        if t.tensor_type in (Q.F32, Q.F16, Q.BF16):
+            return t.tensor_type
+        if self.is_output and t.tensor_type in LEGACY_LOW_BIT and self.ref.shape[-1] % 32 == 0:
+            # llama.cpp's quantizer keeps the output matrix (the embeddings when tied) at 6 bits or
+            # more in these files; gguf's numpy quantizers have no Q6_K, so Q8_0.
+            return Q.Q8_0
+        block = gguf.GGML_QUANT_SIZES[t.tensor_type][0]
+        return t.tensor_type if self.ref.shape[-1] % block == 0 else Q.F16
+
+
+def plan_gguf(ckpt: Checkpoint) -> tuple[Architecture, list[PlannedTensor]]:
+    """Checkpoint tensors (checked against the architecture, tied copies dropped) with GGUF names."""
+    plan = plan_tensors(ckpt)
+    arch = plan.architecture
+    spec = arch.spec.get("gguf")
+    if not spec:
+        raise BadInputError(f"architecture {arch.name} has no GGUF description (release/data/architectures)")
+    model_arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[spec["arch"]]
+    name_map = gguf.get_tensor_name_map(model_arch, arch.num_layers)
+    check_tied(ckpt, plan)
+    out = []
+    for ref in plan.tensors:
+        name = name_map.get_name(ref.name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise BadInputError(f"tensor {ref.name} has no GGUF name for {spec['arch']}")
+        heads = None
+        for suffix, key in spec.get("rope_permute", {}).items():
+            if ref.name.endswith(suffix):
+                heads = int(arch.values[key])
+        out.append(PlannedTensor(ref, name, heads))
+    names = {pt.name for pt in out}
+    for pt in out:
+        pt.is_output = pt.name == "output.weight" or (pt.name == "token_embd.weight" and "output.weight" not in names)
+    return arch, out
+
+
+def permute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF keeps each head's rotary halves apart; GGML wants them interleaved (the converter's permute)."""
+    return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+class SourceTensor:
+    """One source tensor, permuted as GGML wants it, with its float32 form made once on demand."""
+
+    def __init__(self, t: torch.Tensor, pt: PlannedTensor) -> None:
+        self.t = permute_rows(t, pt.permute_heads) if pt.permute_heads else t
+        self._f32: np.ndarray | None = None
+
+    @property
+    def f32(self) -> np.ndarray:
+        """What the converter hands to gguf's quantizers: float32 (float16 kept as it is)."""
+        if self._f32 is None:
+            t = self.t if self.t.dtype in (torch.float16, torch.float32) else self.t.to(torch.float32)
+            self._f32 = np.ascontiguousarray(t.numpy())
+        return self._f32
+
+
+def encode(src: SourceTensor, qtype: Q) -> np.ndarray:
+    """Tensor bytes for one GGUF type. Float casts run in torch (round to nearest even, as numpy
+    does, several times faster); the block quants use gguf's numpy quantizers."""
+    if qtype == Q.F32:
+        return src.t.to(torch.float32).contiguous().numpy()
+    if qtype == Q.F16:
+        return src.t.to(torch.float16).contiguous().numpy()
+    if qtype == Q.BF16 and src.t.dtype == torch.bfloat16:
+        return src.t.contiguous().view(torch.int16).numpy().view(np.uint8)
+    return gguf.quants.quantize(src.f32, qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * size
+
+
+def _hparams(writer: gguf.GGUFWriter, arch: Architecture) -> None:
+    spec = arch.spec["gguf"]
+    for key, (kind, source) in spec["keys"].items():
+        value = arch.values.get(source)
+        if value is None:
+            raise BadInputError(f"config.json: {source} is missing (needed for GGUF key {key})")
+        full = key.format(arch=spec["arch"])
+        if kind == "uint32":
+            writer.add_uint32(full, int(value))
+        else:
+            writer.add_float32(full, float(value))
+    rope_type = arch.values.get("rope_type") or (arch.values.get("rope_scaling") or {}).get("rope_type")
+    if rope_type not in (None, "default"):
+        # Only linear scaling maps onto plain GGUF keys; llama3/yarn need extra tensors or keys we do not write yet.
+        factor = arch.values.get("factor") or (arch.values.get("rope_scaling") or {}).get("factor")
+        if rope_type != "linear" or factor is None:
+            raise BadInputError(f"config.json: rope scaling {rope_type!r} is not supported for GGUF yet")
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+
+
+class GGUFFile:
+    """One output file, streamed: header and tensor infos first (sizes are known from the plan),
+    then tensor data in plan order. The source hash is a fixed-length placeholder in the header,
+    patched in place at the end (the data of GGUF comes after its metadata)."""
+
+    def __init__(
+        self,
+        path: Path,
+        gtype: GGUFType,
+        tensors: list[PlannedTensor],
+        arch: Architecture,
+        vocab: GGUFVocab,
+        meta: ReleaseMetadata,
+    ) -> None:
+        self.path = path
+        self.gtype = gtype
+        self.types = {pt.name: pt.tensor_type(gtype) for pt in tensors}
+        self.digests: dict[str, str] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        w = gguf.GGUFWriter(path=None, arch=arch.spec["gguf"]["arch"])
+        meta.with_(source_checkpoint_hash=hashing.PLACEHOLDER_HASH).to_gguf().set_gguf_meta_model(w)
+        for k, v in meta.with_(source_checkpoint_hash=hashing.PLACEHOLDER_HASH).gguf_provenance().items():
+            w.add_string(k, v)
+        _hparams(w, arch)
+        w.add_file_type(gtype.file_type.value)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.add_to(w)
+        for pt in tensors:
+            q = self.types[pt.name]
+            w.add_tensor_info(pt.name, pt.ref.shape, np.dtype(np.float32), _nbytes(pt.ref.shape, q), raw_dtype=q)
+        w.write_header_to_file(path=path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        self._w = w
+
+    def write(self, pt: PlannedTensor, data: SourceTensor, *, allow_nonfinite: bool) -> None:
+        q = self.types[pt.name]
+        out = encode(data, q)
+        if q == Q.F16 and not allow_nonfinite and has_nonfinite(torch.from_numpy(out)):
+            raise BadInputError(f"tensor {pt.ref.name}: values overflow float16 in {self.gtype.name}")
+        assert self._w.fout is not None
+        start = self._w.fout[0].tell()
+        start += -start % self._w.data_alignment  # where write_tensor_data puts it, after padding
+        self.offsets[pt.name] = (start, out.nbytes)
+        self.digests[pt.name] = hashing.write_digest(memoryview(out).cast("B"))
+        self._w.write_tensor_data(out)
+
+    def finish(self, source_hash: str) -> None:
+        w = self._w
+        assert w.fout is not None
+        for f in w.fout:
+            f.flush()
+            os.fsync(f.fileno())
+        w.close()
+        _patch_placeholder(self.path, source_hash)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._w.close()
+
+
+def _patch_placeholder(path: Path, value: str) -> None:
+    old = hashing.PLACEHOLDER_HASH.encode()
+    new = value.encode()
+    assert len(old) == len(new)
+    with open(path, "r+b") as f:
+        head = f.read(64 * 2**20)  # the KV section, vocabulary included, is far smaller
+        at = head.find(old)
+        if at < 0 or head.find(old, at + 1) >= 0:
+            raise RuntimeError(f"{path.name}: provenance placeholder not found exactly once")
+        f.seek(at)
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass
+class GGUFOutput:
+    type: str
+    file: str
+    bytes: int
+    tensor_types: dict[str, int]
+    fallbacks: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class GGUFResult:
+    output_dir: str
+    source: str
+    name: str
+    source_checkpoint_hash: str
+    outputs: list[GGUFOutput]
+    warnings: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": True, **asdict(self)}
+
+
+def _safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    if not cleaned:
+        raise BadInputError(f"--name {name!r} leaves nothing usable for a file name")
+    return cleaned
+
+
+def _lossless_type(tensors: list[PlannedTensor]) -> str:
+    """The intermediate for llama.cpp's quantizer that holds the source's values exactly."""
+    counts: Counter[str] = Counter()
+    for pt in tensors:
+        counts[pt.ref.dtype] += pt.ref.numel
+    dominant = counts.most_common(1)[0][0]
+    return dominant if dominant in ("BF16", "F16") else "F32"
+
+
+def write_gguf(
+    src: Path,
+    out_dir: Path,
+    types: list[str],
+    *,
+    name: str | None = None,
+    metadata: ReleaseMetadata | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    reporter: Reporter = NULL,
+) -> GGUFResult:
+    """Write ``<name>-<TYPE>.gguf`` into ``out_dir`` for every requested type."""
+    started = time.monotonic()
+    wanted = resolve_types(types)
+    src = Path(src)
+    out_dir = Path(out_dir).absolute()
+    meta = metadata or ReleaseMetadata()
+    meta.check()
+    base = _safe_name(name or meta.name or src.absolute().name)
+    meta = meta.with_(name=meta.name or name or base)
+    targets = {t.name: out_dir / f"{base}-{t.name}.gguf" for t in wanted}
+    for p in targets.values():
+        if p.exists() and not force:
+            raise BadInputError(f"{p} exists (pass --force to replace it)")
+    warnings: list[str] = []
+    with open_checkpoint(src) as ckpt:
+        arch, tensors = plan_gguf(ckpt)
+        vocab = load_vocab(ckpt.root, int(arch.values["vocab_size"]))
+        meta = meta.with_(source_format=ckpt.format)
+        direct = [t for t in wanted if t.via == "gguf"]
+        kquants = [t for t in wanted if t.via == "llama.cpp"]
+        if kquants:
+            _llama_cpp()  # fail before writing anything if the quantizer is missing
+        inter_name = _lossless_type(tensors)
+        known = gguf_types()
+        need_inter = bool(kquants) and known[inter_name] not in direct
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (
+            _remove_if_failed(out_dir, created),
+            tempfile.TemporaryDirectory(prefix=".model-release-", dir=out_dir) as tmpdir,
+        ):
+            tmp = Path(tmpdir)
+            try:
+                files = _write_direct(
+                    ckpt,
+                    tensors,
+                    arch,
+                    vocab,
+                    meta,
+                    direct + ([known[inter_name]] if need_inter else []),
+                    tmp,
+                    allow_nonfinite=allow_nonfinite,
+                    reporter=reporter,
+                    warnings=warnings,
+                )
+                source_hash = files.pop("__hash__")  # type: ignore[arg-type]
+                outputs: list[GGUFOutput] = []
+                for t in direct:
+                    outputs.append(_check_direct(files[t.name], t, tensors))
+                inter = files.get(inter_name)
+                for t in kquants:
+                    assert inter is not None
+                    outputs.append(_quantize_llama_cpp(inter.path, tmp / f"{t.name}.gguf", t, tensors, reporter))
+                for o in outputs:
+                    final = targets[o.type]
+                    if final.exists():
+                        final.unlink()
+                    os.replace(tmp / o.file, final)
+                    o.file = final.name
+                _fsync_dir(out_dir)
+            except OSError as exc:
+                raise os_error_to_release_error(exc, f"writing {out_dir}") from exc
+    for w in warnings:
+        reporter.warn(w)
+    return GGUFResult(
+        output_dir=str(out_dir),
+        source=str(src),
+        name=meta.name or base,
+        source_checkpoint_hash=source_hash,
+        outputs=outputs,
+        warnings=warnings,
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+@contextlib.contextmanager
+def _remove_if_failed(folder: Path, created: bool) -> Iterator[None]:
+    """A failed run leaves no trace: the output folder goes too if this run made it."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: never delete what someone else put there
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_direct(
+    ckpt: Checkpoint,
+    tensors: list[PlannedTensor],
+    arch: Architecture,
+    vocab: GGUFVocab,
+    meta: ReleaseMetadata,
+    types: list[GGUFType],
+    tmp: Path,
+    *,
+    allow_nonfinite: bool,
+    reporter: Reporter,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The single pass over the source. Returns {type name: GGUFFile, "__hash__": source hash}."""
+    files = {t.name: GGUFFile(tmp / f"{t.name}.gguf", t, tensors, arch, vocab, meta) for t in types}
+    digests: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    reporter.start(f"writing GGUF {', '.join(files)}", sum(pt.ref.nbytes for pt in tensors))
+    try:
+        for pt in tensors:
+            with ckpt.open(pt.ref) as t:
+                digests[pt.ref.name] = (pt.ref.dtype, pt.ref.shape, hashing.tensor_digest(tensor_bytes(t)))
+                if has_nonfinite(t):
+                    msg = f"tensor {pt.ref.name} holds NaN/Inf values"
+                    if not allow_nonfinite:
+                        raise BadInputError(msg, hint="pass --allow-nonfinite to write it anyway")
+                    warnings.append(msg)
+                data = SourceTensor(t, pt)
+                for f in files.values():
+                    f.write(pt, data, allow_nonfinite=allow_nonfinite)
+                del data
+            reporter.advance(pt.ref.nbytes)
+        source_hash = hashing.checkpoint_hash(digests)
+        for f in files.values():
+            f.finish(source_hash)
+    except BaseException:
+        for f in files.values():
+            f.abort()
+        raise
+    finally:
+        reporter.done()
+    return {**files, "__hash__": source_hash}
+
+
+def _check_direct(f: GGUFFile, t: GGUFType, tensors: list[PlannedTensor]) -> GGUFOutput:
+    """Read every tensor back from disk at the offset it was written to and compare digests.
+
+    (``gguf.GGUFReader`` would re-parse the whole header, vocabulary included: ~4 s for SmolLM2's
+    49k tokens and merges in pure Python. The tests read every file with it and with llama.cpp.)
+    """
+    with open(f.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise CheckFailedError(f"{f.path.name}: not a GGUF file after writing")
+        for pt in tensors:
+            start, n = f.offsets[pt.name]
+            if start + n > len(mm):
+                raise CheckFailedError(f"{f.path.name}: truncated after writing")
+            with memoryview(mm)[start : start + n] as view:
+                if hashing.write_digest(view) != f.digests[pt.name]:
+                    raise CheckFailedError(f"{f.path.name}: tensor {pt.name} on disk differs from what was written")
+    fallbacks = [
+        f"{pt.name}: row of {pt.ref.shape[-1]} is not a multiple of the {t.name} block, written as F16"
+        for pt in tensors
+        if f.types[pt.name] == Q.F16 and t.tensor_type not in (Q.F16, Q.F32, Q.BF16)
+    ]
+    counts = Counter(q.name for q in f.types.values())
+    return GGUFOutput(t.name, f.path.name, f.path.stat().st_size, dict(counts), fallbacks)
+
+
+def _read(path: Path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise CheckFailedError(f"{path.name}: unreadable after writing ({exc})") from None
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise BadInputError(f"k-quant types need llama.cpp's quantizer (pip install llama-cpp-python): {exc}") from None
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def _quiet_llama_logs() -> Iterator[None]:
+    """llama.cpp logs every tensor to stderr; keep errors only. (llama-cpp-python routes llama.cpp's
+    log through one ctypes callback gated by its "llama-cpp-python" logger's level; replacing the
+    callback instead would leave llama.cpp a dangling pointer once ours is collected.)"""
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _quantize_llama_cpp(
+    inter: Path, out: Path, t: GGUFType, tensors: list[PlannedTensor], reporter: Reporter
+) -> GGUFOutput:
+    llama_cpp = _llama_cpp()
+    started = time.monotonic()
+    reporter.start(f"quantizing {t.name} with llama.cpp", 1)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = t.file_type.value
+    params.nthread = os.cpu_count() or 1
+    with _quiet_llama_logs():
+        rc = llama_cpp.llama_model_quantize(str(inter).encode(), str(out).encode(), params)
+    reporter.done()
+    if rc != 0 or not out.is_file():
+        raise CheckFailedError(f"llama.cpp failed to quantize to {t.name} (code {rc})")
+    with open(out, "rb+") as f:
+        os.fsync(f.fileno())
+    reader = _read(out)
+    by_name = {pt.name: pt for pt in tensors}
+    counts: Counter[str] = Counter()
+    fallbacks = []
+    for rt in reader.tensors:
+        q = Q(rt.tensor_type)
+        counts[q.name] += 1
+        pt = by_name.get(rt.name)
+        if pt is None:
+            raise CheckFailedError(f"{out.name}: unexpected tensor {rt.name}")
+        if not pt.is_norm_or_vector and "_K" not in q.name and pt.ref.shape[-1] % K_BLOCK:
+            fallbacks.append(f"{rt.name}: row of {pt.ref.shape[-1]} is not a multiple of 256, llama.cpp used {q.name}")
+    missing = set(by_name) - {rt.name for rt in reader.tensors}
+    if missing:
+        raise CheckFailedError(f"{out.name}: tensors missing after quantization: {', '.join(sorted(missing)[:3])}")
+    seconds = round(time.monotonic() - started, 3)
+    return GGUFOutput(t.name, out.name, out.stat().st_size, dict(counts), fallbacks, seconds)
+
+
+def describe_types() -> str:
+    """One line for --help."""
+    return ", ".join(gguf_types())

@@ -1,0 +1,373 @@
+"""GGUF variants, checked by the real client (llama.cpp through llama-cpp-python) on SmolLM2-135M.
+
+The reference is the HF model run by transformers in float32 on the same token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from release.formats.gguf import write_gguf
+from release.inspect import describe
+from release.metadata import BaseModel, ReleaseMetadata
+from tests.conftest import leftovers
+
+# Prompts for logits: plain, medical, code, French, numbers.
+PROMPTS = [
+    "The capital of France is Paris, and the capital of Italy is",
+    "Hypertension is defined as a systolic blood pressure above 140 mmHg; first-line treatment includes",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Les symptômes de la grippe incluent la fièvre, la toux et",
+    "In 2023, 17.5% of 1,024 patients (mean age 63.2 ± 8.1 years) received 2.5 mg/kg of",
+]
+# Texts for tokenization: medical terms, numbers, unicode, whitespace, code, special tokens.
+TEXTS = [
+    "Myocardial infarction, pheochromocytoma and acetylsalicylic acid (ASA) 81 mg.",
+    # (Not vulgar fractions such as " ¾": llama.cpp's smollm pre-tokenizer counts them as digits and
+    # splits them from the space, HF keeps " " with the first byte. A llama.cpp difference, not ours.)
+    "3.14159 2,718 1e-9 0x1F 100000000000 -42 $1,299.99 50%",
+    "naïve café résumé Ærøskøbing Straße 東京 Москва العربية 🦙🚀 👩‍⚕️",
+    "  leading spaces\ttabs\t\tand\n\nnewlines   \n trailing   ",
+    "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n",
+    "def f(x):\n\treturn {'a': [1, 2, 3]}  # comment",
+    "",
+    " ",
+]
+ALL_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q5_1", "Q6_K", "Q5_K_M", "Q4_K_M"]
+# Mean KL(HF || GGUF) over every position of PROMPTS. Measured 2026-11-26: F16 4e-6, BF16 0.00075,
+# Q8_0 0.0054, Q6_K 0.042, Q4_K_M 0.082, Q5_K_M 0.152, Q5_1 0.272, Q4_0 0.611 (a 135M model with
+# 576-wide rows, where llama.cpp's k-quant mixes fall back to Q5_0/Q5_1/Q8_0 for most tensors).
+KL_LIMITS = {
+    "F16": 1e-4,
+    "BF16": 2e-3,
+    "Q8_0": 0.01,
+    "Q6_K": 0.07,
+    "Q4_K_M": 0.15,
+    "Q5_K_M": 0.25,
+    "Q5_1": 0.45,
+    "Q4_0": 1.0,
+}
+
+META = ReleaseMetadata(
+    name="SmolLM2-135M-Instruct",
+    version="1.0",
+    license="apache-2.0",
+    base_models=(BaseModel.from_repo("HuggingFaceTB/SmolLM2-135M"),),
+    repo_url="https://huggingface.co/example/SmolLM2-135M-Instruct-GGUF",
+    quantized_by="model-release tests",
+)
+
+
+def llama(path: Path, **kw):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, **kw)
+
+
+def kl_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
+    p = torch.log_softmax(torch.from_numpy(ref).double(), -1)
+    q = torch.log_softmax(torch.from_numpy(got).double(), -1)
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    return kl, top1, float(np.abs(ref - got).max())
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2.hf)
+    model = AutoModelForCausalLM.from_pretrained(smollm2.hf, dtype=torch.float32).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def reference(hf):
+    tok, model = hf
+    out = []
+    for text in PROMPTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            out.append((ids, model(torch.tensor([ids])).logits[0].numpy()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def written(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    result = write_gguf(smollm2.hf, out, ALL_TYPES, metadata=META)
+    return result, out
+
+
+@pytest.mark.real_model
+def test_every_type_written_once_with_the_expected_file_names(written):
+    result, out = written
+    assert sorted(o.type for o in result.outputs) == sorted(ALL_TYPES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"SmolLM2-135M-Instruct-{t}.gguf" for t in ALL_TYPES)
+    by_type = {o.type: o for o in result.outputs}
+    # SmolLM2 rows are 576 wide (not a multiple of 256): llama.cpp falls back, and we say so.
+    assert by_type["Q4_K_M"].fallbacks and "576" in by_type["Q4_K_M"].fallbacks[0]
+    assert by_type["F16"].fallbacks == []
+    assert by_type["F16"].tensor_types == {"F16": 211, "F32": 61}
+
+
+@pytest.mark.real_model
+def test_f16_logits_match_transformers(written, reference):
+    _, out = written
+    m = llama(out / "SmolLM2-135M-Instruct-F16.gguf")
+    for ids, ref in reference:
+        m.reset()
+        m.eval(ids)
+        got = np.array(m.scores[: len(ids)])
+        kl, top1, maxdiff = kl_top1(ref, got)
+        assert top1 >= 0.95, (top1, ids[:5])
+        assert maxdiff < 0.1, maxdiff
+        assert kl < KL_LIMITS["F16"], kl
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("gtype", [t for t in ALL_TYPES if t != "F16"])
+def test_quantized_types_stay_close(written, reference, gtype):
+    _, out = written
+    m = llama(out / f"SmolLM2-135M-Instruct-{gtype}.gguf")
+    kls, top1s = [], []
+    for ids, ref in reference:
+        m.reset()
+        m.eval(ids)
+        kl, top1, _ = kl_top1(ref, np.array(m.scores[: len(ids)]))
+        kls.append(kl)
+        top1s.append(top1)
+    kl = float(np.mean(kls))
+    print(f"{gtype}: mean KL {kl:.5f}, top-1 agreement {np.mean(top1s):.3f}")
+    assert kl < KL_LIMITS[gtype], kl
+    assert np.mean(top1s) >= 0.6
+
+
+@pytest.mark.real_model
+def test_damaged_variant_is_far_from_the_reference(written, reference, tmp_path):
+    """The measure used above must see damage: zero one attention matrix and KL jumps."""
+    _, out = written
+    src = out / "SmolLM2-135M-Instruct-F16.gguf"
+    bad = tmp_path / "bad.gguf"
+    shutil.copyfile(src, bad)
+    reader = gguf.GGUFReader(src)
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_output.weight")
+    with open(bad, "r+b") as f:
+        f.seek(t.data_offset)
+        f.write(b"\0" * t.n_bytes)
+    m = llama(bad)
+    ids, ref = reference[0]
+    m.eval(ids)
+    kl, _, _ = kl_top1(ref, np.array(m.scores[: len(ids)]))
+    assert kl > 100 * KL_LIMITS["F16"]
+
+
+@pytest.mark.real_model
+def test_llama_cpp_tokenizes_like_transformers(written, hf):
+    tok, _ = hf
+    _, out = written
+    m = llama(out / "SmolLM2-135M-Instruct-Q4_K_M.gguf", vocab_only=True)
+    for text in TEXTS:
+        want = tok.encode(text, add_special_tokens=False)
+        got = m.tokenize(text.encode(), add_bos=False, special=True)
+        assert got == want, text
+        assert m.detokenize(got, special=True).decode("utf-8", errors="replace") == tok.decode(want), text
+    assert m.token_bos() == tok.bos_token_id
+    assert m.token_eos() == tok.eos_token_id
+
+
+@pytest.mark.real_model
+def test_chat_template_survives(written, hf):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    tok, _ = hf
+    _, out = written
+    m = llama(out / "SmolLM2-135M-Instruct-Q8_0.gguf", vocab_only=True)
+    template = m.metadata["tokenizer.chat_template"]
+    assert template == tok.chat_template
+    messages = [{"role": "system", "content": "You are a careful clinician."}, {"role": "user", "content": "Hi"}]
+    want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    fmt = Jinja2ChatFormatter(template, eos_token=tok.eos_token, bos_token=tok.bos_token, add_generation_prompt=True)
+    assert fmt(messages=messages).prompt == want
+
+
+@pytest.mark.real_model
+def test_metadata_reads_back(written, smollm2):
+    result, out = written
+    config = json.loads((smollm2.hf / "config.json").read_text())
+    source_hash = describe(smollm2.hf, with_hash=True)["checkpoint_hash"]
+    assert result.source_checkpoint_hash == source_hash
+    for o in result.outputs:
+        r = gguf.GGUFReader(out / o.file)
+
+        def val(key: str, r=r, kind=o.type):
+            field = r.get_field(key)
+            assert field is not None, (kind, key)
+            return field.contents()
+
+        assert val("general.architecture") == "llama"
+        assert val("general.name") == "SmolLM2-135M-Instruct"
+        assert val("general.version") == "1.0"
+        assert val("general.license") == "apache-2.0"
+        assert val("general.license.name") == "Apache License 2.0"
+        assert val("general.license.link") == "https://www.apache.org/licenses/LICENSE-2.0"
+        assert val("general.base_model.count") == 1
+        assert val("general.base_model.0.name") == "SmolLM2-135M"
+        assert val("general.base_model.0.organization") == "HuggingFaceTB"
+        assert val("general.base_model.0.repo_url") == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M"
+        assert val("general.repo_url") == META.repo_url
+        assert val("general.quantized_by") == "model-release tests"
+        assert val("general.file_type") == gguf.LlamaFileType[f"MOSTLY_{o.type}"].value
+        assert val("model_release.source_checkpoint_hash") == source_hash
+        assert val("llama.block_count") == config["num_hidden_layers"]
+        assert val("llama.embedding_length") == config["hidden_size"]
+        assert val("llama.attention.head_count_kv") == config["num_key_value_heads"]
+        assert val("llama.rope.freq_base") == pytest.approx(config["rope_parameters"]["rope_theta"])
+        assert val("llama.attention.layer_norm_rms_epsilon") == pytest.approx(config["rms_norm_eps"])
+        assert val("tokenizer.ggml.model") == "gpt2"
+        assert val("tokenizer.ggml.pre") == "smollm"
+        assert len(val("tokenizer.ggml.tokens")) == config["vocab_size"]
+        assert val("tokenizer.ggml.bos_token_id") == config["bos_token_id"]
+
+
+@pytest.mark.real_model
+def test_generation_in_llama_cpp(written):
+    _, out = written
+    m = llama(out / "SmolLM2-135M-Instruct-Q8_0.gguf")
+    text = m("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    assert "Paris" in text
+
+
+# ---- bad input: one clear error, exit 2, nothing at the output path ----------------------------
+
+
+def _with_tokenizer(src: Path, smollm2) -> Path:
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(smollm2.hf / name, src / name)
+    return src
+
+
+@pytest.mark.real_model
+def test_tiny_model_rope_permutation_matches_transformers(tiny, smollm2, tmp_path):
+    """Grouped-query attention (4 heads, 2 KV heads): the q/k row permutation must be right."""
+    src, cfg, state = tiny("st-single", vocab_size=49152, dtype=torch.float32)
+    _with_tokenizer(src, smollm2)
+    write_gguf(src, tmp_path / "out", ["F32"], name="tiny")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "torch_dtype"}))
+    model.load_state_dict(state)
+    ids = [1, 504, 3458, 282, 4649, 314, 2, 30, 12345]
+    with torch.no_grad():
+        ref = model.eval()(torch.tensor([ids])).logits[0].numpy()
+    m = llama(tmp_path / "out" / "tiny-F32.gguf")
+    m.eval(ids)
+    _, top1, maxdiff = kl_top1(ref, np.array(m.scores[: len(ids)]))
+    assert maxdiff < 1e-3 and top1 == 1.0, (maxdiff, top1)
+
+
+def test_unknown_type_is_refused(tiny, cli, tmp_path):
+    src, _, _ = tiny("st-single")
+    r = cli("gguf", src, "-o", tmp_path / "out", "--type", "Q4_K_X")
+    assert r.exit_code == 2
+    assert r.error_lines[0].startswith("error: unknown GGUF type 'Q4_K_X' (known: F32, F16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tokenizer_is_refused(tiny, cli, tmp_path):
+    src, _, _ = tiny("st-single", tokenizer=False)
+    out = tmp_path / "out"
+    r = cli("gguf", src, "-o", out, "--type", "F16")
+    assert r.exit_code == 2
+    assert "no tokenizer" in r.error_lines[0] and len(r.error_lines) == 1
+    assert not out.exists()
+
+
+def test_non_llama_architecture_is_refused(tiny, cli, tmp_path):
+    src, cfg, _ = tiny("st-single")
+    (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    r = cli("gguf", src, "-o", tmp_path / "out")
+    assert r.exit_code == 2
+    assert "unknown architecture GPT2LMHeadModel" in r.error_lines[0]
+
+
+@pytest.mark.real_model
+def test_tokenizer_larger_than_embeddings_is_refused(tiny, smollm2, cli, tmp_path):
+    src, _, _ = tiny("st-single")  # vocab_size 256 against SmolLM2's 49152 tokens
+    _with_tokenizer(src, smollm2)
+    out = tmp_path / "out"
+    r = cli("gguf", src, "-o", out, "--type", "Q8_0")
+    assert r.exit_code == 2
+    assert "does not fit the tokenizer" in r.error_lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.real_model
+def test_nan_weights_refused_and_nothing_left(tiny, smollm2, cli, tmp_path):
+    src, _, state = tiny("st-single", vocab_size=49152)
+    state["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    _with_tokenizer(src, smollm2)
+    out = tmp_path / "out"
+    r = cli("gguf", src, "-o", out, "--type", "F16", "--type", "Q4_K_M")
+    assert r.exit_code == 2
+    assert "model.layers.1.mlp.up_proj.weight holds NaN/Inf" in r.error_lines[0]
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.real_model
+def test_existing_output_needs_force(tiny, smollm2, cli, tmp_path):
+    src, _, _ = tiny("st-single", vocab_size=49152)
+    _with_tokenizer(src, smollm2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m-F16.gguf").write_text("keep me")
+    r = cli("gguf", src, "-o", out, "--type", "F16", "--name", "m")
+    assert r.exit_code == 2 and "--force" in r.error_lines[0]
+    assert (out / "m-F16.gguf").read_text() == "keep me"
+    r = cli("gguf", src, "-o", out, "--type", "F16", "--name", "m", "--force", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["outputs"][0]["file"] == "m-F16.gguf"
+    assert (out / "m-F16.gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.real_model
+def test_a_corrupted_write_is_caught(tiny, smollm2, cli, tmp_path, monkeypatch):
+    from release.formats import gguf as gguf_format
+
+    src, _, _ = tiny("st-single", vocab_size=49152)
+    _with_tokenizer(src, smollm2)
+    real_finish = gguf_format.GGUFFile.finish
+
+    def finish_then_flip(self, source_hash):
+        real_finish(self, source_hash)
+        start, _ = self.offsets["blk.1.ffn_up.weight"]
+        with open(self.path, "r+b") as f:
+            f.seek(start)
+            b = f.read(1)[0]
+            f.seek(start)
+            f.write(bytes([b ^ 0x40]))
+
+    monkeypatch.setattr(gguf_format.GGUFFile, "finish", finish_then_flip)
+    out = tmp_path / "out"
+    r = cli("gguf", src, "-o", out, "--type", "Q8_0")
+    assert r.exit_code == 1
+    assert "blk.1.ffn_up.weight on disk differs" in r.error_lines[0]
+    assert not out.exists()
+
+
+def test_unknown_license_is_refused(tiny, cli, tmp_path):
+    src, _, _ = tiny("st-single")
+    r = cli("gguf", src, "-o", tmp_path / "out", "--license", "wtfpl-9")
+    assert r.exit_code == 2
+    assert "unknown license 'wtfpl-9'" in r.error_lines[0]
