@@ -12,6 +12,8 @@ is on disk, at memory speed).
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 import blake3
 import xxhash
 
@@ -29,6 +31,23 @@ def tensor_digest(buf: memoryview | bytes, threads: int = blake3.blake3.AUTO) ->
 def write_digest(buf: memoryview | bytes) -> str:
     """Fast digest to compare bytes written with bytes read back."""
     return xxhash.xxh3_128_hexdigest(buf)
+
+
+def file_digest(f: BinaryIO, start: int, length: int, chunk: int = 8 << 20) -> str:
+    """``write_digest`` of a byte range of an open file, read in pieces: reading back a file we
+    wrote must not map it whole into memory."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(min(chunk, max(length, 1)))
+    view = memoryview(buf)
+    f.seek(start)
+    left = length
+    while left:
+        n = f.readinto(view[: min(left, len(buf))])
+        if not n:
+            break
+        h.update(view[:n])
+        left -= n
+    return h.hexdigest()
 
 
 def checkpoint_hash(entries: dict[str, tuple[str, tuple[int, ...], str]]) -> str:

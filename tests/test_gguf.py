@@ -371,3 +371,65 @@ def test_unknown_license_is_refused(tiny, cli, tmp_path):
     r = cli("gguf", src, "-o", tmp_path / "out", "--license", "wtfpl-9")
     assert r.exit_code == 2
     assert "unknown license 'wtfpl-9'" in r.error_lines[0]
+
+
+# ---- SentencePiece (Llama 2 style) tokenizers ------------------------------------------------
+
+SPM_TEXTS = [
+    "The patient was admitted with acute myocardial infarction.",
+    "Dose: 75 mg daily, 1234 units; café naïve 東京 🦙",
+    "  two leading spaces and\ttabs\nnewline",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(tmp_path_factory) -> Path:
+    """A real SentencePiece BPE model (byte fallback, split digits: Llama 2's settings), trained here."""
+    import random
+
+    import sentencepiece as spm
+
+    base = tmp_path_factory.mktemp("spm")
+    rng = random.Random(0)
+    words = "the patient was admitted with acute myocardial infarction aspirin dose mg kg daily units fever".split(" ")
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 9999)}." for _ in range(3000)]
+    (base / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(base / "corpus.txt"), model_prefix=str(base / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        minloglevel=2,
+    )  # fmt: skip
+    return base / "tokenizer.model"
+
+
+@pytest.mark.parametrize("files", ["tokenizer.model", "tokenizer.json"])
+def test_sentencepiece_tokenizers_tokenize_like_transformers(tiny, tmp_path, spm_tokenizer, files):
+    """Llama 2 ships tokenizer.model (SentencePiece); Llama-style fast tokenizers ship tokenizer.json
+    with byte fallback. Both must tokenize in llama.cpp as SentencePiece itself does, BOS included,
+    and as transformers does, except where transformers' fast conversion drops one of several
+    leading spaces (SentencePiece and llama.cpp keep it)."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    src, _, _ = tiny("st-single", vocab_size=400, tokenizer=False)
+    shutil.copyfile(spm_tokenizer, src / "tokenizer.model")
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False}  # fmt: skip
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    hf_tok = AutoTokenizer.from_pretrained(src)
+    if files == "tokenizer.json":
+        hf_tok.save_pretrained(src)
+        (src / "tokenizer.model").unlink()
+    write_gguf(src, tmp_path / "out", ["F16"], name="spm")
+    r = gguf.GGUFReader(tmp_path / "out" / "spm-F16.gguf")
+    assert r.get_field("tokenizer.ggml.model").contents() == "llama"
+    assert r.get_field("tokenizer.ggml.add_bos_token").contents() is True
+    m = llama(tmp_path / "out" / "spm-F16.gguf", vocab_only=True)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_tokenizer))
+    for text in SPM_TEXTS:
+        got = m.tokenize(text.encode(), add_bos=True, special=True)
+        assert got == [sp.bos_id(), *sp.encode(text)], text
+        if not text.startswith("  "):
+            assert got == hf_tok.encode(text), text
