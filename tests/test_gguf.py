@@ -392,7 +392,23 @@ def spm_tokenizer(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("spm")
     rng = random.Random(0)
-    words = "the patient was admitted with acute myocardial infarction aspirin dose mg kg daily units fever".split(" ")
+    words = [
+        "the",
+        "patient",
+        "was",
+        "admitted",
+        "with",
+        "acute",
+        "myocardial",
+        "infarction",
+        "aspirin",
+        "dose",
+        "mg",
+        "kg",
+        "daily",
+        "units",
+        "fever",
+    ]
     lines = [" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 9999)}." for _ in range(3000)]
     (base / "corpus.txt").write_text("\n".join(lines))
     spm.SentencePieceTrainer.train(
