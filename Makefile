@@ -36,15 +36,20 @@ format: install
 fixture: install
 	$(BIN)/model-release fixture
 
-# Build the SmolLM2 fixture, convert its .bin shards to safetensors (bf16 -> fp16), inspect the result.
+# Build the SmolLM2 fixture, convert its .bin shards to safetensors (bf16 -> fp16), inspect the result,
+# then write GGUF variants of it with license and lineage metadata and inspect one.
 demo: install
 	$(BIN)/model-release fixture
 	$(BIN)/model-release convert "$$($(BIN)/model-release fixture --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["bin"])')" \
 		-o $(DEMO)/smollm2-fp16 --dtype fp16 --max-shard-size 100MB --force
 	$(BIN)/model-release inspect $(DEMO)/smollm2-fp16
+	$(BIN)/model-release gguf $(DEMO)/smollm2-fp16 -o $(DEMO)/gguf --name SmolLM2-135M-Instruct \
+		-t F16 -t Q8_0 -t Q4_K_M --license apache-2.0 --base-model HuggingFaceTB/SmolLM2-135M --force
+	$(BIN)/model-release inspect $(DEMO)/gguf/SmolLM2-135M-Instruct-Q4_K_M.gguf
 
 bench: install
 	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_gguf.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info $(DEMO)

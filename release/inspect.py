@@ -21,6 +21,7 @@ _GGUF_META_PREFIXES = (
     "general.quantized_by",
     "general.version",
     "general.name",
+    "model_release.",  # our provenance: producer, source checkpoint hash
 )
 # safetensors __metadata__ keys that are ours (see metadata.ReleaseMetadata.to_safetensors)
 _LICENSE_KEYS = ("license", "base_model")

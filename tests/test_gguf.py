@@ -235,6 +235,9 @@ def test_metadata_reads_back(written, smollm2):
         assert val("tokenizer.ggml.pre") == "smollm"
         assert len(val("tokenizer.ggml.tokens")) == config["vocab_size"]
         assert val("tokenizer.ggml.bos_token_id") == config["bos_token_id"]
+    shown = describe(out / "SmolLM2-135M-Instruct-Q4_K_M.gguf")
+    assert shown["metadata"]["model_release.source_checkpoint_hash"] == source_hash
+    assert shown["license"]["general.license"] == "apache-2.0"
 
 
 @pytest.mark.real_model

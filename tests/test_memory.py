@@ -83,3 +83,45 @@ def test_peak_memory_is_bounded_by_the_largest_tensor(tmp_path, layout):
     ).is_file()
     grown = peak - baseline
     assert grown < budget, f"convert grew RSS by {grown / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB checkpoint"
+
+
+# GGUF: a tied 49152-token embedding (SmolLM2's tokenizer) is the largest tensor, 50 MB in bf16;
+# 60 layers make the checkpoint ~18x that.
+GGUF_CFG = tiny_config(
+    hidden_size=512, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=8,
+    num_hidden_layers=60, vocab_size=49152, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parametrize("gtype", ["F16", "Q8_0"])
+def test_gguf_peak_memory_is_bounded_by_the_largest_tensor(tmp_path, smollm2, gtype):
+    import shutil
+
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
+        for k, s in shapes(GGUF_CFG).items()
+        if k != "lm_head.weight"
+    }
+    total = sum(t.nbytes for t in state.values())
+    largest = max(t.nbytes for t in state.values())
+    src = write_folder(tmp_path / "src", GGUF_CFG, state, "st-single", tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(smollm2.hf / name, src / name)
+    del state
+    # The quantizers work in float32 (2x a bf16 tensor) with a few temporaries of that size.
+    budget = 6 * largest + 64 * 2**20
+    assert total > 1.5 * budget
+    baseline = peak_rss("import release.formats.gguf")
+    peak = peak_rss(
+        f"from release.formats.gguf import write_gguf\nwrite_gguf(sys.argv[1], sys.argv[2], [{gtype!r}])",
+        str(src),
+        str(tmp_path / "out"),
+    )
+    assert len(list((tmp_path / "out").glob("*.gguf"))) == 1
+    grown = peak - baseline
+    print(f"{gtype}: RSS grew {grown / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB checkpoint, largest tensor "
+          f"{largest / 2**20:.0f} MiB")  # fmt: skip
+    assert grown < budget, f"gguf grew RSS by {grown / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB checkpoint"
