@@ -62,7 +62,7 @@ def load_vocab(root: Path, vocab_size: int) -> GGUFVocab:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BadInputError(f"{tj_path}: unreadable tokenizer ({exc})") from None
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        return _llama_hf(root, vocab_size)
+        return _llama_hf(root, vocab_size, model)
     if model.get("type") == "BPE" and (tj.get("decoder") or {}).get("type") == "ByteLevel":
         return _byte_level_bpe(root, tj_path, tj, vocab_size)
     raise BadInputError(f"{tj_path}: tokenizer type {model.get('type')!r} is not supported for GGUF")
@@ -170,7 +170,7 @@ def _mark_added_from_config(root: Path, tokens: list[bytes], scores: list[float]
         tokens[i] = text.encode("utf-8")
 
 
-def _llama_hf(root: Path, vocab_size: int) -> GGUFVocab:
+def _llama_hf(root: Path, vocab_size: int, model: dict[str, Any]) -> GGUFVocab:
     try:
         hf = gguf.LlamaHfVocab(root)
     except (OSError, TypeError, ValueError) as exc:
@@ -181,5 +181,17 @@ def _llama_hf(root: Path, vocab_size: int) -> GGUFVocab:
         scores.append(score)
         types.append(int(ttype))
     _check_size(root / "tokenizer.json", len(tokens), vocab_size)
+    # gguf.LlamaHfVocab gives every token the score -1000 (a placeholder in its code), but
+    # llama.cpp's SentencePiece tokenizer merges the highest-scoring pair first, so equal scores
+    # merge in the wrong order ("sp"+"ac" where the BPE ranks say "s"+"pa"). The merge rank is
+    # the order BPE applies: a token made by merge number r gets score -r.
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    for i, text in enumerate(tokens):
+        r = rank.get(text.decode("utf-8", errors="replace"))
+        if r is not None and types[i] == gguf.TokenType.NORMAL:
+            scores[i] = -float(r)
     _pad(tokens, types, scores, vocab_size)
     return GGUFVocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(root, n_vocab=len(tokens)))
