@@ -456,3 +456,29 @@ def test_sentencepiece_tokenizers_tokenize_like_transformers(tiny, tmp_path, spm
         assert got == [sp.bos_id(), *sp.encode(text)], text
         if not text.startswith(" "):
             assert got == hf_tok.encode(text), text
+
+
+@pytest.mark.real_model
+def test_several_types_read_the_source_once(tiny, smollm2, tmp_path, monkeypatch):
+    """F16, Q8_0 and three k-quant mixes from one run: each source tensor is opened exactly once."""
+    from release.checkpoint import Checkpoint
+
+    src, _, state = tiny("st-single", vocab_size=49152, hidden_size=256, intermediate_size=512)
+    _with_tokenizer(src, smollm2)
+    opened: list[str] = []
+    real_open = Checkpoint.open
+
+    def counting_open(self, ref):
+        opened.append(ref.name)
+        return real_open(self, ref)
+
+    monkeypatch.setattr(Checkpoint, "open", counting_open)
+    types = ["F16", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"]
+    result = write_gguf(src, tmp_path / "out", types, name="tiny")
+    assert sorted(opened) == sorted(state)  # every tensor once, none twice
+    assert [o.type for o in result.outputs] == types
+    for o in result.outputs:
+        m = llama(tmp_path / "out" / o.file)
+        m.eval([1, 2, 3, 4])
+        assert np.isfinite(np.array(m.scores[:4])).all(), o.type
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"tiny-{t}.gguf" for t in types)
