@@ -30,6 +30,7 @@ import torch
 
 from release import hashing
 from release.architectures import Architecture, data_file
+from release.atomic import fsync_path
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
@@ -372,11 +373,9 @@ def write_gguf(
                     outputs.append(_quantize_llama_cpp(inter.path, tmp / f"{t.name}.gguf", t, tensors, reporter))
                 for o in outputs:
                     final = targets[o.type]
-                    if final.exists():
-                        final.unlink()
-                    os.replace(tmp / o.file, final)
+                    os.replace(tmp / o.file, final)  # atomic, replacing an old file under --force
                     o.file = final.name
-                _fsync_dir(out_dir)
+                fsync_path(out_dir)
             except OSError as exc:
                 raise os_error_to_release_error(exc, f"writing {out_dir}") from exc
     for w in warnings:
@@ -402,14 +401,6 @@ def _remove_if_failed(folder: Path, created: bool) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: never delete what someone else put there
         raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_direct(

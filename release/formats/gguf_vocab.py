@@ -131,16 +131,21 @@ def _looks_special(text: str) -> bool:
     return text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
 
 
+def _unpack(vocab: gguf.Vocab) -> tuple[list[bytes], list[float], list[int]]:
+    tokens, scores, types = [], [], []
+    for text, score, ttype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(int(ttype))
+    return tokens, scores, types
+
+
 def _sentencepiece(root: Path, vocab_size: int) -> GGUFVocab:
     try:
         spm = gguf.SentencePieceVocab(root)
     except (OSError, RuntimeError, ValueError) as exc:
         raise BadInputError(f"{root / 'tokenizer.model'}: unreadable SentencePiece model ({exc})") from None
-    tokens, scores, types = [], [], []
-    for text, score, ttype in spm.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(int(ttype))
+    tokens, scores, types = _unpack(spm)
     _check_size(root / "tokenizer.model", len(tokens), vocab_size)
     _mark_added_from_config(root, tokens, scores, types)
     _pad(tokens, types, scores, vocab_size)
@@ -175,11 +180,7 @@ def _llama_hf(root: Path, vocab_size: int, model: dict[str, Any]) -> GGUFVocab:
         hf = gguf.LlamaHfVocab(root)
     except (OSError, TypeError, ValueError) as exc:
         raise BadInputError(f"{root / 'tokenizer.json'}: unsupported Llama tokenizer ({exc})") from None
-    tokens, scores, types = [], [], []
-    for text, score, ttype in hf.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(int(ttype))
+    tokens, scores, types = _unpack(hf)
     _check_size(root / "tokenizer.json", len(tokens), vocab_size)
     # gguf.LlamaHfVocab gives every token the score -1000 (a placeholder in its code), but
     # llama.cpp's SentencePiece tokenizer merges the highest-scoring pair first, so equal scores
