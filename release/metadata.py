@@ -50,6 +50,7 @@ class ReleaseMetadata:
     license: str | None = None  # Hugging Face license id decided for the weights
     base_models: tuple[BaseModel, ...] = field(default_factory=tuple)
     repo_url: str | None = None  # where this release is published
+    source_repo_url: str | None = None  # where the source checkpoint came from (GGUF general.source.*)
     quantized_by: str | None = None
     tool: str = TOOL_NAME
     tool_version: str = __version__
@@ -70,7 +71,7 @@ class ReleaseMetadata:
             raise BadInputError(f"{path}: cannot read release metadata ({exc})") from None
         if not isinstance(raw, dict):
             raise BadInputError(f"{path}: release metadata must be a JSON object")
-        fields = {"name", "version", "license", "repo_url", "quantized_by", "base_models"}
+        fields = {"name", "version", "license", "repo_url", "source_repo_url", "quantized_by", "base_models"}
         unknown = sorted(set(raw) - fields)
         if unknown:
             raise BadInputError(f"{path}: unknown release metadata field(s) {', '.join(unknown)}")
@@ -115,6 +116,8 @@ class ReleaseMetadata:
             license_link=lic.get("link"),
             base_models=bases or None,
             repo_url=self.repo_url,
+            source_url=self.source_repo_url,
+            source_repo_url=self.source_repo_url,
             quantized_by=self.quantized_by,
         )
 

@@ -31,7 +31,8 @@ def test_metadata_file_and_flag_override(tmp_path):
     assert g.license_name == "Llama 2 Community License Agreement"
     assert g.license_link == "https://ai.meta.com/llama/license/"
     assert g.base_models == [{"name": "Llama-2-7b", "organization": "meta-llama"}]
-    flags = release_metadata(path, None, None, None, ["epfl-llm/meditron-7b"], None, None)
+    flags = release_metadata(path, None, None, None, ["epfl-llm/meditron-7b"], None, None, "https://example.org/src")
+    assert flags.to_gguf().source_repo_url == "https://example.org/src"
     assert flags.base_models == (BaseModel("meditron-7b", "epfl-llm", "https://huggingface.co/epfl-llm/meditron-7b"),)
 
 

@@ -20,6 +20,7 @@ def release_metadata(
     base_models: list[str],
     repo_url: str | None,
     quantized_by: str | None,
+    source_repo_url: str | None = None,
 ) -> ReleaseMetadata:
     """A metadata file, overridden by the flags given on the command line."""
     meta = ReleaseMetadata.from_json_file(metadata_file) if metadata_file else ReleaseMetadata()
@@ -31,6 +32,7 @@ def release_metadata(
             "license": license,
             "repo_url": repo_url,
             "quantized_by": quantized_by,
+            "source_repo_url": source_repo_url,
         }.items()
         if v is not None
     }
@@ -53,6 +55,9 @@ def gguf_command(
     base_model: list[str] = typer.Option([], "--base-model", help="Hub repo id this model derives from (repeatable)."),
     repo_url: str | None = typer.Option(None, "--repo-url", help="Where this release is published."),
     quantized_by: str | None = typer.Option(None, "--quantized-by", help="general.quantized_by."),
+    source_repo_url: str | None = typer.Option(
+        None, "--source-repo-url", help="Where the source checkpoint is published (general.source.*)."
+    ),
     metadata_file: Path | None = typer.Option(None, "--metadata", help="Release metadata JSON (flags override it)."),
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf weights instead of failing."),
@@ -72,7 +77,9 @@ def gguf_command(
             out,
             types,
             name=name,
-            metadata=release_metadata(metadata_file, name, version, license, base_model, repo_url, quantized_by),
+            metadata=release_metadata(
+                metadata_file, name, version, license, base_model, repo_url, quantized_by, source_repo_url
+            ),
             force=force,
             allow_nonfinite=allow_nonfinite,
             reporter=rep,
