@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -420,10 +421,12 @@ def _write_direct(
     files = {t.name: GGUFFile(tmp / f"{t.name}.gguf", t, tensors, arch, vocab, meta) for t in types}
     digests: dict[str, tuple[str, tuple[int, ...], str]] = {}
     reporter.start(f"writing GGUF {', '.join(files)}", sum(pt.ref.nbytes for pt in tensors))
+    # The source hash runs on a helper thread (BLAKE3 releases the GIL) beside the conversion.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-hash")
     try:
         for pt in tensors:
             with ckpt.open(pt.ref) as t:
-                digests[pt.ref.name] = (pt.ref.dtype, pt.ref.shape, hashing.tensor_digest(tensor_bytes(t)))
+                digest = pool.submit(hashing.tensor_digest, tensor_bytes(t), 1)
                 if has_nonfinite(t):
                     msg = f"tensor {pt.ref.name} holds NaN/Inf values"
                     if not allow_nonfinite:
@@ -433,6 +436,7 @@ def _write_direct(
                 for f in files.values():
                     f.write(pt, data, allow_nonfinite=allow_nonfinite)
                 del data
+                digests[pt.ref.name] = (pt.ref.dtype, pt.ref.shape, digest.result())  # before the pages go
             reporter.advance(pt.ref.nbytes)
         source_hash = hashing.checkpoint_hash(digests)
         for f in files.values():
@@ -442,6 +446,7 @@ def _write_direct(
             f.abort()
         raise
     finally:
+        pool.shutdown(wait=True)
         reporter.done()
     return {**files, "__hash__": source_hash}
 
