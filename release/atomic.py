@@ -69,3 +69,29 @@ def atomic_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is fsynced and renamed to ``target``."""
+    target = Path(target).absolute()
+    if target.exists() and not force:
+        raise BadInputError(f"output {target} exists", hint="use --force to replace it")
+    if target.is_dir():
+        raise BadInputError(f"output {target} is a directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error_to_release_error(exc, f"creating {target.parent}") from exc
+    tmp = target.parent / f".{target.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise os_error_to_release_error(exc, f"writing {target}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from release import hashing
+from release import TOOL_NAME, hashing
 from release.architectures import Architecture, data_file, resolve
 from release.errors import BadInputError
 from release.tensors import TensorFile, TensorRef, TorchPickleFile, open_tensor_file, tensor_bytes
@@ -70,6 +70,13 @@ class Checkpoint:
 
     def raw_range(self, ref: TensorRef) -> tuple[int, int] | None:
         return self._file_of[ref.name].raw_range(ref)
+
+    def recorded_origin(self) -> str | None:
+        """The oldest checkpoint hash a model-release output records about where it came from."""
+        meta = self.files[0].metadata if self.files else {}
+        if not str(meta.get("producer", "")).startswith(TOOL_NAME):
+            return None
+        return meta.get("origin_checkpoint_hash") or meta.get("source_checkpoint_hash")
 
     def file_of(self, name: str) -> TensorFile:
         return self._file_of[name]

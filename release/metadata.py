@@ -46,6 +46,10 @@ class ReleaseMetadata:
     name: str | None = None
     version: str | None = None
     source_checkpoint_hash: str | None = None  # hashing.checkpoint_hash of the source weights
+    # When the source is itself a model-release output (e.g. GGUF made from a `convert --dtype fp16`
+    # folder): the hash of the checkpoint that one was made from, so validation can tie a variant
+    # to the original model's reference.
+    origin_checkpoint_hash: str | None = None
     source_format: str | None = None  # safetensors | pytorch
     license: str | None = None  # Hugging Face license id decided for the weights
     base_models: tuple[BaseModel, ...] = field(default_factory=tuple)
@@ -90,6 +94,7 @@ class ReleaseMetadata:
         out = {"format": "pt", "producer": self.producer}
         optional = {
             "source_checkpoint_hash": self.source_checkpoint_hash,
+            "origin_checkpoint_hash": self.origin_checkpoint_hash,
             "source_format": self.source_format,
             "name": self.name,
             "version": self.version,
@@ -126,4 +131,6 @@ class ReleaseMetadata:
         out = {"model_release.producer": self.producer}
         if self.source_checkpoint_hash:
             out["model_release.source_checkpoint_hash"] = self.source_checkpoint_hash
+        if self.origin_checkpoint_hash:
+            out["model_release.origin_checkpoint_hash"] = self.origin_checkpoint_hash
         return out

@@ -9,6 +9,7 @@ from release.cli.convert import convert_command
 from release.cli.fixture import fixture_command
 from release.cli.gguf import gguf_command
 from release.cli.inspect import inspect_command
+from release.cli.validate import reference_command, validate_command
 
 app = typer.Typer(
     name="model-release",
@@ -36,6 +37,8 @@ def _root(
 app.command("convert")(convert_command)
 app.command("gguf")(gguf_command)
 app.command("inspect")(inspect_command)
+app.command("reference")(reference_command)
+app.command("validate")(validate_command)
 app.command("fixture")(fixture_command)
 
 

@@ -336,7 +336,7 @@ def write_gguf(
     with open_checkpoint(src) as ckpt:
         arch, tensors = plan_gguf(ckpt)
         vocab = load_vocab(ckpt.root, int(arch.values["vocab_size"]))
-        meta = meta.with_(source_format=ckpt.format)
+        meta = meta.with_(source_format=ckpt.format, origin_checkpoint_hash=ckpt.recorded_origin())
         direct = [t for t in wanted if t.via == "gguf"]
         kquants = [t for t in wanted if t.via == "llama.cpp"]
         if kquants:

@@ -338,7 +338,9 @@ def convert(
             raise BadInputError(
                 f"not enough disk space at {out.parent}: need {total / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
             )
-        meta = (metadata or ReleaseMetadata()).with_(source_format=ckpt.format)
+        meta = (metadata or ReleaseMetadata()).with_(
+            source_format=ckpt.format, origin_checkpoint_hash=ckpt.recorded_origin()
+        )
         with atomic_dir(out, force=force) as tmp:
             try:
                 reporter.start(f"converting {plan.parameters / 1e6:.0f}M parameters", ckpt.total_bytes)

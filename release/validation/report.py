@@ -1,0 +1,83 @@
+"""validation.json, a Markdown table and a KL histogram next to each validated variant."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from release.atomic import atomic_file
+
+if TYPE_CHECKING:
+    from release.validation.reference import Reference
+    from release.validation.validate import VariantResult
+
+
+def report_paths(variant: Path) -> dict[str, Path]:
+    """``X.gguf`` -> ``X.validation.json`` ...; a folder ``F`` -> ``F.validation.json`` beside it
+    (not inside: the folder is what gets published)."""
+    base = variant.with_suffix("") if variant.is_file() else variant
+    return {
+        "json": base.parent / f"{base.name}.validation.json",
+        "markdown": base.parent / f"{base.name}.validation.md",
+        "plot": base.parent / f"{base.name}.kl.png",
+    }
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | runtime | mean KL | p99 KL | top-1 agreement | perplexity ratio | result |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        m = r["metrics"]
+        lines.append(
+            f"| {Path(r['variant']).name} | {r['runtime']} | {m['kl_mean']:.2e} | {m['kl_p99']:.2e} | "
+            f"{m['top1_agreement']:.3f} | {m['perplexity_ratio']:.4f} | {'pass' if r['passed'] else 'FAIL'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(variant: Path, res: VariantResult, kl: np.ndarray, ref: Reference) -> dict[str, str]:
+    paths = report_paths(variant)
+    data = {k: v for k, v in asdict(res).items() if k != "reports"}
+    data["reference"] = {
+        "file": str(ref.path),
+        "source_checkpoint_hash": ref.meta.get("source_checkpoint_hash"),
+        "prompts": ref.meta.get("prompts"),
+        "prompts_hash": ref.meta.get("prompts_hash"),
+        "top_k": int(ref.meta.get("top_k", 0)),
+    }
+    with atomic_file(paths["json"], force=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    with atomic_file(paths["markdown"], force=True) as tmp:
+        tmp.write_text(markdown_table([data]), encoding="utf-8")
+    with atomic_file(paths["plot"], force=True) as tmp:
+        _plot(kl, f"{variant.name} ({res.runtime}): per-token KL, mean {kl.mean():.2e}", tmp)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _plot(kl: np.ndarray, title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here or in CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    floor = 1e-8
+    values = np.clip(kl, floor, None)
+    bins = np.logspace(np.log10(floor), np.log10(max(values.max(), floor * 10)), 50)
+    ax.hist(values, bins=bins, color="#3b6ea8")
+    ax.set_xscale("log")
+    ax.axvline(max(kl.mean(), floor), color="#c0392b", linestyle="--", label="mean")
+    ax.axvline(max(float(np.percentile(kl, 99)), floor), color="#e67e22", linestyle=":", label="99th percentile")
+    ax.set_xlabel(f"KL(reference || variant) per token (values below {floor:g} shown at {floor:g})")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)

@@ -1,0 +1,146 @@
+"""The runtimes users run variants in: transformers (safetensors, GPTQ) and llama.cpp (GGUF).
+
+Each runtime opens a variant, says how it tokenizes text (to prove it matches the reference's
+token ids) and returns next-token logits for a list of ids, one prompt at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from release.errors import BadInputError
+
+
+def detect(path: Path) -> str:
+    """safetensors | gptq | gguf, from what the path holds."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{path / 'config.json'}: invalid JSON ({exc})") from None
+        if (config.get("quantization_config") or {}).get("quant_method") == "gptq":
+            return "gptq"
+        if any(path.glob("*.safetensors")):
+            return "safetensors"
+    if not path.exists():
+        raise BadInputError(f"{path}: no such variant")
+    raise BadInputError(f"{path}: not a safetensors folder, GPTQ folder or .gguf file")
+
+
+class Runtime:
+    name = ""
+    vocab_size = 0
+    recorded_hashes: tuple[str, ...] = ()  # checkpoint hashes the variant says it was made from
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), vocab] float logits; row t predicts token t+1."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TransformersRuntime(Runtime):
+    """Weights as stored, computed in float32 (so a lossless copy reproduces the reference exactly)."""
+
+    name = "transformers"
+
+    def __init__(self, path: Path, kind: str, device: str = "cpu") -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        if kind == "gptq":
+            try:
+                import gptqmodel  # noqa: F401
+            except ImportError:
+                raise BadInputError(
+                    f"{path}: GPTQ variants run through transformers with GPTQModel; pip install gptqmodel optimum"
+                ) from None
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"{path}: no usable tokenizer ({exc})") from None
+        dtype = "auto" if kind == "gptq" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.device = device
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.recorded_hashes = _safetensors_hashes(path)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tok.encode(text))
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+
+
+def _safetensors_hashes(path: Path) -> tuple[str, ...]:
+    from release.tensors import parse_safetensors_header
+
+    for f in sorted(path.glob("*.safetensors"))[:1]:
+        _, header = parse_safetensors_header(f)
+        meta = header.get("__metadata__") or {}
+        return tuple(v for k, v in meta.items() if k in ("source_checkpoint_hash", "origin_checkpoint_hash"))
+    return ()
+
+
+class LlamaCppRuntime(Runtime):
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise BadInputError("GGUF variants run in llama.cpp: pip install llama-cpp-python") from None
+        try:
+            self.llm = Llama(
+                model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, n_batch=512
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise BadInputError(f"{path}: llama.cpp cannot load it ({exc})") from None
+        self.vocab_size = int(self.llm.n_vocab())
+        meta: dict[str, Any] = self.llm.metadata
+        self.recorded_hashes = tuple(
+            v
+            for k, v in meta.items()
+            if k in ("model_release.source_checkpoint_hash", "model_release.origin_checkpoint_hash")
+        )
+        self.file_type = meta.get("general.file_type")
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.from_numpy(self.llm.scores[: len(ids)].copy())
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def open_runtime(path: Path, runtime: str = "auto", device: str = "cpu") -> tuple[str, Runtime]:
+    kind = detect(path)
+    if runtime == "auto":
+        runtime = "llama.cpp" if kind == "gguf" else "transformers"
+    if runtime == "llama.cpp":
+        if kind != "gguf":
+            raise BadInputError(f"{path}: llama.cpp runs GGUF files, this is a {kind} variant")
+        return kind, LlamaCppRuntime(path)
+    if runtime == "transformers":
+        if kind == "gguf":
+            raise BadInputError(f"{path}: validate GGUF files in llama.cpp (--runtime llama.cpp or auto)")
+        return kind, TransformersRuntime(path, kind, device)
+    raise BadInputError(f"unknown runtime {runtime!r} (auto, transformers, llama.cpp)")
