@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -492,17 +493,29 @@ def _llama_cpp() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_llama_logs() -> Iterator[None]:
-    """llama.cpp logs every tensor to stderr; keep errors only. (llama-cpp-python routes llama.cpp's
-    log through one ctypes callback gated by its "llama-cpp-python" logger's level; replacing the
-    callback instead would leave llama.cpp a dangling pointer once ours is collected.)"""
-    logger = logging.getLogger("llama-cpp-python")
+def _quiet_llama_logs() -> Iterator[Any]:
+    """llama.cpp's quantizer prints a line per tensor (fallback warnings included) on fd 2, partly
+    around the log callback. Capture it in a temporary file: our summary reports the fallbacks,
+    and a failure quotes the tail."""
+    logger = logging.getLogger("llama-cpp-python")  # gates llama-cpp-python's own log callback
     level = logger.level
     logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            logger.setLevel(level)
+
+
+def _tail(log: Any, lines: int = 3) -> str:
+    log.seek(0)
+    text = log.read().decode("utf-8", errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:])
 
 
 def _quantize_llama_cpp(
@@ -514,11 +527,12 @@ def _quantize_llama_cpp(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = t.file_type.value
     params.nthread = os.cpu_count() or 1
-    with _quiet_llama_logs():
+    with _quiet_llama_logs() as log:
         rc = llama_cpp.llama_model_quantize(str(inter).encode(), str(out).encode(), params)
+        tail = _tail(log) if rc != 0 or not out.is_file() else ""
     reporter.done()
     if rc != 0 or not out.is_file():
-        raise CheckFailedError(f"llama.cpp failed to quantize to {t.name} (code {rc})")
+        raise CheckFailedError(f"llama.cpp failed to quantize to {t.name} (code {rc}): {tail}")
     with open(out, "rb+") as f:
         os.fsync(f.fileno())
     reader = _read(out)
