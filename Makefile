@@ -36,16 +36,21 @@ format: install
 fixture: install
 	$(BIN)/model-release fixture
 
+FIXTURE = $(BIN)/model-release fixture --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])'
+
 # Build the SmolLM2 fixture, convert its .bin shards to safetensors (bf16 -> fp16), inspect the result,
-# then write GGUF variants of it with license and lineage metadata and inspect one.
+# write GGUF variants of it with license and lineage metadata, inspect one, then validate every
+# variant against reference logits of the original model.
 demo: install
 	$(BIN)/model-release fixture
-	$(BIN)/model-release convert "$$($(BIN)/model-release fixture --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["bin"])')" \
+	$(BIN)/model-release convert "$$($(FIXTURE) bin)" \
 		-o $(DEMO)/smollm2-fp16 --dtype fp16 --max-shard-size 100MB --force
 	$(BIN)/model-release inspect $(DEMO)/smollm2-fp16
 	$(BIN)/model-release gguf $(DEMO)/smollm2-fp16 -o $(DEMO)/gguf --name SmolLM2-135M-Instruct \
 		-t F16 -t Q8_0 -t Q4_K_M --license apache-2.0 --base-model HuggingFaceTB/SmolLM2-135M --force
 	$(BIN)/model-release inspect $(DEMO)/gguf/SmolLM2-135M-Instruct-Q4_K_M.gguf
+	$(BIN)/model-release reference "$$($(FIXTURE) hf)" -o $(DEMO)/reference.safetensors --force
+	$(BIN)/model-release validate $(DEMO)/smollm2-fp16 $(DEMO)/gguf/*.gguf -r $(DEMO)/reference.safetensors
 
 bench: install
 	$(BIN)/python bench/bench_convert.py

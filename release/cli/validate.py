@@ -88,12 +88,14 @@ def validate_command(
         print_json(result.to_dict())
     else:
         table = Table(title=f"against {reference}", header_style="bold")
-        for col in ("variant", "kind", "runtime", "mean KL", "p99 KL", "top-1", "ppl ratio", "result"):
-            table.add_column(col)
+        table.add_column("variant", overflow="fold")
+        table.add_column("kind", overflow="fold")
+        for col in ("mean KL", "p99 KL", "top-1", "ppl", "result"):
+            table.add_column(col, no_wrap=True, justify="right")
         for r in result.variants:
             m = r.metrics
             table.add_row(
-                Path(r.variant).name, r.kind, r.runtime, f"{m['kl_mean']:.2e}", f"{m['kl_p99']:.2e}",
+                Path(r.variant).name, f"{r.kind} ({r.runtime})", f"{m['kl_mean']:.2e}", f"{m['kl_p99']:.2e}",
                 f"{m['top1_agreement']:.3f}", f"{m['perplexity_ratio']:.4f}", "pass" if r.passed else "FAIL",
             )  # fmt: skip
         stdout.print(table)
