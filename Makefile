@@ -40,7 +40,7 @@ FIXTURE = $(BIN)/model-release fixture --json | $(BIN)/python -c 'import json,sy
 
 # Build the SmolLM2 fixture, convert its .bin shards to safetensors (bf16 -> fp16), inspect the result,
 # write GGUF variants of it with license and lineage metadata, inspect one, then validate every
-# variant against reference logits of the original model.
+# variant against reference logits of the original model, then decide licenses and write the cards.
 demo: install
 	$(BIN)/model-release fixture
 	$(BIN)/model-release convert "$$($(FIXTURE) bin)" \
@@ -51,6 +51,9 @@ demo: install
 	$(BIN)/model-release inspect $(DEMO)/gguf/SmolLM2-135M-Instruct-Q4_K_M.gguf
 	$(BIN)/model-release reference "$$($(FIXTURE) hf)" -o $(DEMO)/reference.safetensors --force
 	$(BIN)/model-release validate $(DEMO)/smollm2-fp16 $(DEMO)/gguf/*.gguf -r $(DEMO)/reference.safetensors
+	cp examples/smollm2-release.yaml $(DEMO)/release.yaml
+	$(BIN)/model-release license check $(DEMO)/release.yaml
+	$(BIN)/model-release card $(DEMO)
 
 bench: install
 	$(BIN)/python bench/bench_convert.py

@@ -2,27 +2,20 @@
 
 Nobody invents license or provenance fields locally: safetensors ``__metadata__``, GGUF
 ``general.*`` and the model card YAML (later) are all rendered from ``ReleaseMetadata``. License
-names and links come from the registry in ``release/data/licenses.json``, never from a guess.
+names and links come from the registry in ``licenses/registry.json``, never from a guess.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from release import TOOL_NAME, __version__
-from release.architectures import data_file
 from release.errors import BadInputError
-
-
-def license_info(license_id: str) -> dict[str, str]:
-    """Registry entry (name, link, spdx) of a Hugging Face license id; unknown ids are refused."""
-    known = data_file("licenses.json")["licenses"]
-    if license_id not in known:
-        raise BadInputError(f"unknown license {license_id!r} (known: {', '.join(sorted(known))})")
-    return known[license_id]
+from release.licensing import license_info
 
 
 @dataclass(frozen=True)
@@ -54,6 +47,15 @@ class ReleaseMetadata:
     license: str | None = None  # Hugging Face license id decided for the weights
     base_models: tuple[BaseModel, ...] = field(default_factory=tuple)
     repo_url: str | None = None  # where this release is published
+    code_license: str | None = None  # license of the code released beside the weights (default apache-2.0)
+    base_model_relation: str | None = None  # finetune | adapter | merge (variants are always "quantized")
+    description: str | None = None
+    domain: str | None = None  # "medical" adds the clinical-use advisory to cards
+    languages: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    gated_prompt: str | None = None  # set: the Hub repo is gated with this prompt (as Meditron's is)
+    citation: str | None = None
     source_repo_url: str | None = None  # where the source checkpoint came from (GGUF general.source.*)
     quantized_by: str | None = None
     tool: str = TOOL_NAME
@@ -67,25 +69,40 @@ class ReleaseMetadata:
         return f"{self.tool} {self.tool_version}"
 
     @classmethod
-    def from_json_file(cls, path: Path) -> ReleaseMetadata:
-        """A release metadata file: {"name", "version", "license", "base_models": [{"name", ...}], ...}."""
+    def from_file(cls, path: Path) -> ReleaseMetadata:
+        """A release file (JSON or YAML): {"name", "version", "license", "base_models": [{"name", ...}], ...}."""
+        path = Path(path)
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(text)
+            else:
+                raw = json.loads(text)
+        except Exception as exc:  # OSError, JSONDecodeError, yaml.YAMLError
             raise BadInputError(f"{path}: cannot read release metadata ({exc})") from None
         if not isinstance(raw, dict):
             raise BadInputError(f"{path}: release metadata must be a JSON object")
-        fields = {"name", "version", "license", "repo_url", "source_repo_url", "quantized_by", "base_models"}
+        raw = raw.get("release", raw)  # a pipeline release file keeps these under "release"
+        fields = {f.name for f in dataclasses.fields(cls)} - {"tool", "tool_version", "source_checkpoint_hash",
+                                                             "origin_checkpoint_hash", "source_format"}  # fmt: skip
         unknown = sorted(set(raw) - fields)
         if unknown:
             raise BadInputError(f"{path}: unknown release metadata field(s) {', '.join(unknown)}")
-        bases = tuple(BaseModel(**b) for b in raw.pop("base_models", []))
-        meta = cls(**raw, base_models=bases)
+        try:
+            bases = tuple(BaseModel(**b) for b in raw.pop("base_models", []) or [])
+            lists = {k: tuple(raw.pop(k) or ()) for k in ("languages", "datasets", "tags") if k in raw}
+            meta = cls(**raw, **lists, base_models=bases)
+        except TypeError as exc:
+            raise BadInputError(f"{path}: bad release metadata ({exc})") from None
         meta.check()
         return meta
 
+    from_json_file = from_file
+
     def check(self) -> None:
-        for lic in [self.license, *(b.license for b in self.base_models)]:
+        for lic in [self.license, self.code_license, *(b.license for b in self.base_models)]:
             if lic:
                 license_info(lic)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from release import __version__
+from release.cli.card import card_command, license_app
 from release.cli.convert import convert_command
 from release.cli.fixture import fixture_command
 from release.cli.gguf import gguf_command
@@ -38,6 +39,8 @@ app.command("convert")(convert_command)
 app.command("gguf")(gguf_command)
 app.command("inspect")(inspect_command)
 app.command("reference")(reference_command)
+app.command("card")(card_command)
+app.add_typer(license_app, name="license")
 app.command("validate")(validate_command)
 app.command("fixture")(fixture_command)
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, print_json, run, stdout
 from release.dtypes import CAST_CHOICES
 from release.formats.safetensors import ConvertResult, convert
+from release.metadata import ReleaseMetadata
 
 DType = Enum("DType", {k: k for k in CAST_CHOICES}, type=str)  # keep | bf16 | fp16 | fp32
 
@@ -28,6 +29,9 @@ def convert_command(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard, e.g. 5GB, 500MB, 2GiB."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf weights instead of failing."),
+    metadata_file: Path | None = typer.Option(
+        None, "--metadata", help="Release file (JSON/YAML): name, version, license, base models -> shard metadata."
+    ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
@@ -45,6 +49,7 @@ def convert_command(
             max_shard_size=max_shard_size,
             force=force,
             allow_nonfinite=allow_nonfinite,
+            metadata=ReleaseMetadata.from_file(metadata_file) if metadata_file else None,
             reporter=rep,
         ),
         as_json=as_json,

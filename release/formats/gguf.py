@@ -36,6 +36,7 @@ from release.atomic import fsync_path
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
+from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
 from release.tensors import TensorRef, has_nonfinite, tensor_bytes
@@ -325,8 +326,7 @@ def write_gguf(
     wanted = resolve_types(types)
     src = Path(src)
     out_dir = Path(out_dir).absolute()
-    meta = metadata or ReleaseMetadata()
-    meta.check()
+    meta = apply_policy(metadata or ReleaseMetadata())
     base = _safe_name(name or meta.name or src.absolute().name)
     meta = meta.with_(name=meta.name or name or base)
     targets = {t.name: out_dir / f"{base}-{t.name}.gguf" for t in wanted}

@@ -27,6 +27,7 @@ from release import dtypes, hashing
 from release.atomic import atomic_dir, check_target
 from release.checkpoint import Checkpoint, TensorPlan, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
+from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
 from release.tensors import SafetensorsFile, TensorRef, has_nonfinite, tensor_bytes
@@ -338,7 +339,7 @@ def convert(
             raise BadInputError(
                 f"not enough disk space at {out.parent}: need {total / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
             )
-        meta = (metadata or ReleaseMetadata()).with_(
+        meta = apply_policy(metadata or ReleaseMetadata()).with_(
             source_format=ckpt.format, origin_checkpoint_hash=ckpt.recorded_origin()
         )
         with atomic_dir(out, force=force) as tmp:

@@ -1,0 +1,294 @@
+"""Model cards: Hugging Face front matter + a body from the templates in ``model_cards/``.
+
+``render_cards(RELEASE_DIR)`` reads the release file in RELEASE_DIR (``release.json``/``.yaml``),
+decides the licenses (``licensing.decide``), and for every release folder inside it (the main
+safetensors model, a folder of GGUF files, a GPTQ folder) writes ``README.md`` and the license
+files. The front matter is checked against ``release/data/schemas/model_card.schema.json`` and
+must round-trip through ``huggingface_hub.ModelCard``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from release.architectures import data_file
+from release.atomic import atomic_file
+from release.errors import BadInputError, CheckFailedError
+from release.licensing import LicenseDecision, decide, license_info, write_license_files
+from release.metadata import ReleaseMetadata
+from release.progress import NULL, Reporter
+
+RELEASE_FILES = ("release.yaml", "release.yml", "release.json")
+# Our own wording, added to every card of a model whose release declares domain "medical".
+MEDICAL_ADVISORY = (
+    "This model is a research artefact. It has not been validated for clinical use: do not use it "
+    "to diagnose, treat or decide anything about a patient without further, independent validation "
+    "in the setting where it would be used. Its outputs can be wrong, incomplete or biased, and a "
+    "qualified professional must review any use in a health context."
+)
+
+
+def templates_dir() -> Path:
+    env = os.environ.get("MODEL_RELEASE_CARDS")
+    folder = Path(env) if env else Path(__file__).resolve().parents[1] / "model_cards"
+    if not (folder / "model.md.j2").is_file():
+        raise BadInputError(f"{folder}: no model card templates; set MODEL_RELEASE_CARDS")
+    return folder
+
+
+def find_release_file(release_dir: Path) -> Path:
+    for name in RELEASE_FILES:
+        if (release_dir / name).is_file():
+            return release_dir / name
+    raise BadInputError(f"{release_dir}: no release file ({', '.join(RELEASE_FILES)})")
+
+
+def folder_kind(folder: Path) -> str | None:
+    """model | gguf | gptq | None (not a release folder)."""
+    if any(folder.glob("*.gguf")):
+        return "gguf"
+    config = folder / "config.json"
+    if config.is_file() and any(folder.glob("*.safetensors")):
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        return "gptq" if (cfg.get("quantization_config") or {}).get("quant_method") == "gptq" else "model"
+    return None
+
+
+def repo_id(url: str | None, fallback: str) -> str:
+    if url and "huggingface.co/" in url:
+        return url.rstrip("/").split("huggingface.co/", 1)[1]
+    return fallback
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _validation(path: Path) -> dict[str, Any] | None:
+    base = path.with_suffix("") if path.is_file() else path
+    report = base.parent / f"{base.name}.validation.json"
+    return json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+
+
+def files_table(folder: Path, kind: str, parameters: int) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown table of the weight files with size, sha256 and validation results."""
+    rows = []
+    weights = sorted(folder.glob("*.gguf" if kind == "gguf" else "*.safetensors"))
+    folder_report = _validation(folder) if kind != "gguf" else None
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    for f in weights:
+        size = f.stat().st_size
+        report = _validation(f) if kind == "gguf" else folder_report
+        if kind == "gguf":
+            method = f.stem.rsplit("-", 1)[-1] if "-" in f.stem else "gguf"
+            bits = f"{size * 8 / parameters:.2f}" if parameters else "?"
+            fmt = "GGUF"
+        elif kind == "gptq":
+            q = config.get("quantization_config", {})
+            method, bits, fmt = f"GPTQ g{q.get('group_size', '?')}", str(q.get("bits", "?")), "safetensors"
+        else:
+            dtype = config.get("dtype") or config.get("torch_dtype") or "?"
+            method, bits, fmt = (
+                dtype,
+                {"bfloat16": "16", "float16": "16", "float32": "32"}.get(dtype, "?"),
+                "safetensors",
+            )
+        m = (report or {}).get("metrics", {})
+        rows.append(
+            {
+                "file": f.name, "format": fmt, "method": method, "bits": bits, "bytes": size, "sha256": sha256_file(f),
+                "kl_mean": m.get("kl_mean"), "top1": m.get("top1_agreement"),
+                "validated": None if report is None else bool(report.get("passed")),
+            }
+        )  # fmt: skip
+    lines = [
+        "| file | format | quant method | bits | size | sha256 | KL | top-1 |",
+        "|---|---|---|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        kl = "not validated" if r["kl_mean"] is None else f"{r['kl_mean']:.2e}"
+        top1 = "" if r["top1"] is None else f"{r['top1']:.3f}"
+        lines.append(
+            f"| {r['file']} | {r['format']} | {r['method']} | {r['bits']} | {r['bytes'] / 1e6:.1f} MB | "
+            f"`{r['sha256']}` | {kl} | {top1} |"
+        )
+    return "\n".join(lines), rows
+
+
+def front_matter(meta: ReleaseMetadata, decision: LicenseDecision, kind: str, parent_repo: str) -> dict[str, Any]:
+    fm: dict[str, Any] = {}
+    info = license_info(decision.weights_license or "")
+    if info.get("hf_id"):
+        fm["license"] = info["hf_id"]
+    else:
+        fm.update(license="other", license_name=decision.weights_license, license_link=info["link"])
+    if kind == "model":
+        bases = [
+            repo_id(b.repo_url, b.name if not b.organization else f"{b.organization}/{b.name}")
+            for b in meta.base_models
+        ]
+        if bases:
+            fm["base_model"] = bases
+            if meta.base_model_relation:
+                fm["base_model_relation"] = meta.base_model_relation
+    else:
+        fm["base_model"] = [parent_repo]
+        fm["base_model_relation"] = "quantized"
+    if meta.languages:
+        fm["language"] = list(meta.languages)
+    if meta.datasets:
+        fm["datasets"] = list(meta.datasets)
+    tags = ["model-release", *meta.tags]
+    if meta.domain:
+        tags.append(meta.domain)
+    if kind in ("gguf", "gptq"):
+        tags.append(kind)
+    fm["tags"] = list(dict.fromkeys(tags))
+    fm["pipeline_tag"] = "text-generation"
+    fm["library_name"] = "gguf" if kind == "gguf" else "transformers"
+    if meta.gated_prompt:
+        fm["extra_gated_prompt"] = meta.gated_prompt
+        fm["extra_gated_fields"] = {"I accept the license and the acceptable use policy": "checkbox"}
+    return fm
+
+
+def check_front_matter(fm: dict[str, Any], where: str) -> None:
+    try:
+        jsonschema.validate(fm, data_file("schemas", "model_card.schema.json"))
+    except jsonschema.ValidationError as exc:
+        raise CheckFailedError(f"{where}: model card front matter invalid: {exc.message}") from None
+
+
+def license_section(decision: LicenseDecision, meta: ReleaseMetadata) -> str:
+    w = license_info(decision.weights_license or "")
+    c = license_info(decision.code_license)
+    shipped = ", ".join(f"`{f.name}`" for f in decision.files)
+    lines = [
+        f"The weights are released under the [{w['name']}]({w['link']}) (`{decision.weights_license}`): "
+        f"see {shipped} in this repository, which ship with every copy.",
+    ]
+    if decision.inherited:
+        for lic, bases in decision.inherited.items():
+            lines.append(f"They derive from {', '.join(bases)}, distributed under `{lic}`, whose terms carry over.")
+    lines.append(f"The code that produced them is released under the [{c['name']}]({c['link']}).")
+    if decision.obligations:
+        lines.append("\nWhat this license asks of you:\n")
+        lines.extend(f"- {o}" for o in decision.obligations)
+    return "\n".join(lines)
+
+
+@dataclass
+class CardOutput:
+    folder: str
+    kind: str
+    repo_id: str
+    license_files: list[str]
+    files: list[dict[str, Any]]
+
+
+def render_cards(release_dir: Path, *, metadata_file: Path | None = None, reporter: Reporter = NULL) -> dict[str, Any]:
+    import jinja2
+    from huggingface_hub import ModelCard
+
+    release_dir = Path(release_dir)
+    if not release_dir.is_dir():
+        raise BadInputError(f"{release_dir}: no such release folder")
+    meta = ReleaseMetadata.from_file(metadata_file or find_release_file(release_dir))
+    decision = decide(meta)
+    decision.raise_for_violations()
+    folders = [(p, k) for p in sorted(release_dir.iterdir()) if p.is_dir() and (k := folder_kind(p))]
+    if not folders:
+        raise BadInputError(f"{release_dir}: no release folders (a safetensors model, GGUF files or a GPTQ folder)")
+    main = next((p for p, k in folders if k == "model"), None)
+    name = meta.name or (main.name if main else release_dir.name)
+    main_repo = repo_id(meta.repo_url, name)
+    parameters = 0
+    architecture = "?"
+    if main is not None:
+        from release.inspect import describe
+
+        info = describe(main)
+        parameters, architecture = int(info["parameters"]), str(info.get("architecture"))
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
+    advisory = MEDICAL_ADVISORY if meta.domain == "medical" else None
+    variants = [
+        {"name": f"{main_repo}-{k.upper()}", "url": f"https://huggingface.co/{main_repo}-{k.upper()}"}
+        for _, k in folders
+        if k != "model"
+    ]
+    outputs = []
+    for folder, kind in folders:
+        reporter.start(f"card for {folder.name}", 1)
+        table, rows = files_table(folder, kind, parameters)
+        this_repo = main_repo if kind == "model" else f"{main_repo}-{kind.upper()}"
+        fm = front_matter(meta, decision, kind, main_repo)
+        check_front_matter(fm, str(folder))
+        common = {
+            "name": name, "version": meta.version, "description": meta.description, "advisory": advisory,
+            "files_table": table, "repo_id": this_repo, "license_section": license_section(decision, meta),
+            "citation": meta.citation, "example_prompt": "What are the first-line treatments for hypertension?",
+        }  # fmt: skip
+        if kind == "model":
+            w, c = license_info(decision.weights_license or ""), license_info(decision.code_license)
+            body = env.get_template("model.md.j2").render(
+                **common, architecture=architecture, parameters=f"{parameters / 1e6:.0f}M",
+                base_models=[asdict(b) for b in meta.base_models], license=decision.weights_license,
+                license_name=w["name"], code_license=decision.code_license, code_license_name=c["name"],
+                source_checkpoint_hash=_recorded_hash(folder), variants=variants,
+            )  # fmt: skip
+        else:
+            first = rows[0]["file"] if rows else ""
+            body = env.get_template("variant.md.j2").render(
+                **common, variant_format=kind.upper(), parent_name=name,
+                parent_url=f"https://huggingface.co/{main_repo}",
+                runtime="llama.cpp" if kind == "gguf" else "transformers with GPTQModel",
+                example_file=first, example_type=first.rsplit("-", 1)[-1].removesuffix(".gguf") if first else "",
+            )  # fmt: skip
+        text = "---\n" + yaml.safe_dump(fm, sort_keys=False, allow_unicode=True) + "---\n\n" + _tidy(body)
+        card = ModelCard(text)  # parses the front matter the way the Hub does
+        if card.data.to_dict() != fm:
+            raise CheckFailedError(f"{folder}: the card's metadata does not round-trip through huggingface_hub")
+        with atomic_file(folder / "README.md", force=True) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        shipped = write_license_files(decision, folder)
+        outputs.append(CardOutput(str(folder), kind, this_repo, shipped, rows))
+        reporter.done()
+    return {
+        "ok": True,
+        "release_dir": str(release_dir),
+        "license": decision.to_dict(),
+        "cards": [asdict(o) for o in outputs],
+    }
+
+
+def _recorded_hash(folder: Path) -> str | None:
+    from release.tensors import parse_safetensors_header
+
+    for f in sorted(folder.glob("*.safetensors"))[:1]:
+        meta = parse_safetensors_header(f)[1].get("__metadata__") or {}
+        return meta.get("origin_checkpoint_hash") or meta.get("source_checkpoint_hash")
+    return None
+
+
+def _tidy(text: str) -> str:
+    """Collapse the blank lines template conditionals leave behind."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() and out and not out[-1].strip():
+            continue
+        out.append(line.rstrip())
+    return "\n".join(out).strip() + "\n"
