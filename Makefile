@@ -44,10 +44,10 @@ FIXTURE = $(BIN)/model-release fixture --json | $(BIN)/python -c 'import json,sy
 demo: install
 	$(BIN)/model-release fixture
 	$(BIN)/model-release convert "$$($(FIXTURE) bin)" \
-		-o $(DEMO)/smollm2-fp16 --dtype fp16 --max-shard-size 100MB --force
+		-o $(DEMO)/smollm2-fp16 --dtype fp16 --max-shard-size 100MB --force --metadata examples/smollm2-release.yaml
 	$(BIN)/model-release inspect $(DEMO)/smollm2-fp16
 	$(BIN)/model-release gguf $(DEMO)/smollm2-fp16 -o $(DEMO)/gguf --name SmolLM2-135M-Instruct \
-		-t F16 -t Q8_0 -t Q4_K_M --license apache-2.0 --base-model HuggingFaceTB/SmolLM2-135M --force
+		-t F16 -t Q8_0 -t Q4_K_M --metadata examples/smollm2-release.yaml --force
 	$(BIN)/model-release inspect $(DEMO)/gguf/SmolLM2-135M-Instruct-Q4_K_M.gguf
 	$(BIN)/model-release reference "$$($(FIXTURE) hf)" -o $(DEMO)/reference.safetensors --force
 	$(BIN)/model-release validate $(DEMO)/smollm2-fp16 $(DEMO)/gguf/*.gguf -r $(DEMO)/reference.safetensors
