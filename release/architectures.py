@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from release.errors import BadInputError
@@ -22,6 +24,15 @@ def data_file(*parts: str) -> Any:
     """Load a JSON data file shipped in ``release/data``."""
     path = resources.files("release").joinpath("data", *parts)
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def project_folder(name: str, env: str, marker: str) -> Path:
+    """A top-level folder of the project that holds data shipped as files (``licenses/``,
+    ``model_cards/``), found beside the ``release`` package; ``$env`` points elsewhere."""
+    folder = Path(os.environ[env]) if os.environ.get(env) else Path(__file__).resolve().parents[1] / name
+    if not (folder / marker).is_file():
+        raise BadInputError(f"{folder}: no {marker} here; set {env} to the project's {name}/ folder")
+    return folder
 
 
 @cache

@@ -9,9 +9,7 @@ must round-trip through ``huggingface_hub.ModelCard``.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-from release.architectures import data_file
+from release.architectures import data_file, project_folder
 from release.atomic import atomic_file
 from release.errors import BadInputError, CheckFailedError
+from release.hashing import sha256_file
 from release.licensing import LicenseDecision, decide, license_info, write_license_files
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
@@ -37,11 +36,7 @@ MEDICAL_ADVISORY = (
 
 
 def templates_dir() -> Path:
-    env = os.environ.get("MODEL_RELEASE_CARDS")
-    folder = Path(env) if env else Path(__file__).resolve().parents[1] / "model_cards"
-    if not (folder / "model.md.j2").is_file():
-        raise BadInputError(f"{folder}: no model card templates; set MODEL_RELEASE_CARDS")
-    return folder
+    return project_folder("model_cards", "MODEL_RELEASE_CARDS", "model.md.j2")
 
 
 def find_release_file(release_dir: Path) -> Path:
@@ -66,14 +61,6 @@ def repo_id(url: str | None, fallback: str) -> str:
     if url and "huggingface.co/" in url:
         return url.rstrip("/").split("huggingface.co/", 1)[1]
     return fallback
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _validation(path: Path) -> dict[str, Any] | None:

@@ -9,7 +9,6 @@ Both live in the user cache, outside the repo, and every file is re-checked by h
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from release.architectures import data_file
 from release.atomic import atomic_dir
 from release.errors import BadInputError
+from release.hashing import sha256_file
 from release.progress import NULL, Reporter
 
 
@@ -29,14 +29,6 @@ def cache_root() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "model-release"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

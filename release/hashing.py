@@ -12,6 +12,8 @@ is on disk, at memory speed).
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import BinaryIO
 
 import blake3
@@ -47,6 +49,15 @@ def file_digest(f: BinaryIO, start: int, length: int, chunk: int = 8 << 20) -> s
             break
         h.update(view[:n])
         left -= n
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a whole file (what the Hub's LFS and the model card list), read in 16 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
     return h.hexdigest()
 
 

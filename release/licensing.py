@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from release.architectures import project_folder
 from release.errors import BadInputError, CheckFailedError
 
 
 def licenses_dir() -> Path:
     """``licenses/`` of the project (override: $MODEL_RELEASE_LICENSES)."""
-    env = os.environ.get("MODEL_RELEASE_LICENSES")
-    folder = Path(env) if env else Path(__file__).resolve().parents[1] / "licenses"
-    if not (folder / "registry.json").is_file():
-        raise BadInputError(f"{folder}: no license registry (registry.json); set MODEL_RELEASE_LICENSES")
-    return folder
+    return project_folder("licenses", "MODEL_RELEASE_LICENSES", "registry.json")
 
 
 @cache
