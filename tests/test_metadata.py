@@ -49,7 +49,7 @@ def test_bad_metadata_files_are_refused(tmp_path, content, message):
     path = tmp_path / "release.json"
     path.write_text(json.dumps(content))
     with pytest.raises(BadInputError, match=re.escape(message)):
-        ReleaseMetadata.from_json_file(path)
+        ReleaseMetadata.from_file(path)
 
 
 def test_safetensors_metadata_carries_license_and_lineage():

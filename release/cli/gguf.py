@@ -23,7 +23,7 @@ def release_metadata(
     source_repo_url: str | None = None,
 ) -> ReleaseMetadata:
     """A metadata file, overridden by the flags given on the command line."""
-    meta = ReleaseMetadata.from_json_file(metadata_file) if metadata_file else ReleaseMetadata()
+    meta = ReleaseMetadata.from_file(metadata_file) if metadata_file else ReleaseMetadata()
     changes: dict[str, object] = {
         k: v
         for k, v in {
