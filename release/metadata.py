@@ -99,8 +99,6 @@ class ReleaseMetadata:
         meta.check()
         return meta
 
-    from_json_file = from_file
-
     def check(self) -> None:
         for lic in [self.license, self.code_license, *(b.license for b in self.base_models)]:
             if lic:
