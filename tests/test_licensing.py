@@ -20,8 +20,22 @@ from release.formats.safetensors import convert
 from release.licensing import decide
 from release.metadata import BaseModel, ReleaseMetadata
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "licenses"
 LICENSES = Path(__file__).resolve().parents[1] / "licenses"
+
+
+def pinned_sources() -> dict[str, str]:
+    """file -> sha256 from licenses/SOURCES.md, the record of where each verbatim text came from
+    (independent of registry.json, which the code reads)."""
+    rows = re.findall(r"^\| (\S+\.(?:txt|md)) \| .* \| ([0-9a-f]{64}) \|$", (LICENSES / "SOURCES.md").read_text(), re.M)
+    return dict(rows)
+
+
+def verbatim(name: str) -> bytes:
+    data = (LICENSES / name).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == pinned_sources()[name], f"licenses/{name} is not the recorded text"
+    return data
+
+
 LLAMA2_NOTICE = (
     "Llama 2 is licensed under the LLAMA 2 Community License, Copyright (c) Meta Platforms, Inc. All Rights Reserved."
 )
@@ -64,8 +78,9 @@ def release_dir(tmp_path: Path, tiny, meta: dict, *, gguf_dir: bool = False) -> 
 
 
 def test_license_texts_are_verbatim_copies():
-    for name in ("LLAMA2_COMMUNITY_LICENSE.txt", "LLAMA2_USE_POLICY.md", "APACHE-2.0.txt"):
-        assert (LICENSES / name).read_bytes() == (SHARED / name).read_bytes(), name
+    assert sorted(pinned_sources()) == ["APACHE-2.0.txt", "LLAMA2_COMMUNITY_LICENSE.txt", "LLAMA2_USE_POLICY.md"]
+    for name in pinned_sources():
+        verbatim(name)
     registry = json.loads((LICENSES / "registry.json").read_text())["licenses"]
     for lic in registry.values():
         for f in lic["files"]:
@@ -77,8 +92,8 @@ def test_llama2_derivative_carries_llama2_and_all_three_files(tmp_path, tiny, cl
     r = cli("card", root, "--json")
     assert r.exit_code == 0, r.stderr
     for folder in (root / "model", root / "gguf"):
-        assert (folder / "LICENSE").read_bytes() == (SHARED / "LLAMA2_COMMUNITY_LICENSE.txt").read_bytes()
-        assert (folder / "USE_POLICY.md").read_bytes() == (SHARED / "LLAMA2_USE_POLICY.md").read_bytes()
+        assert (folder / "LICENSE").read_bytes() == verbatim("LLAMA2_COMMUNITY_LICENSE.txt")
+        assert (folder / "USE_POLICY.md").read_bytes() == verbatim("LLAMA2_USE_POLICY.md")
         assert (folder / "NOTICE").read_text().strip() == LLAMA2_NOTICE
         card = ModelCard.load(folder / "README.md")
         assert card.data.license == "llama2"
@@ -107,7 +122,7 @@ def test_apache_model_gets_apache_and_no_llama_files(tmp_path, tiny, cli):
     root = release_dir(tmp_path, tiny, SMOL)
     assert cli("card", root).exit_code == 0
     folder = root / "model"
-    assert (folder / "LICENSE").read_bytes() == (SHARED / "APACHE-2.0.txt").read_bytes()
+    assert (folder / "LICENSE").read_bytes() == verbatim("APACHE-2.0.txt")
     assert not (folder / "USE_POLICY.md").exists() and not (folder / "NOTICE").exists()
     assert ModelCard.load(folder / "README.md").data.license == "apache-2.0"
 
