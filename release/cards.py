@@ -20,10 +20,11 @@ import yaml
 from release.architectures import data_file, project_folder
 from release.atomic import atomic_file
 from release.errors import BadInputError, CheckFailedError
-from release.hashing import sha256_file
+from release.hashing import origin_hash, sha256_file
 from release.licensing import LicenseDecision, decide, license_info, write_license_files
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
+from release.tensors import folder_metadata
 
 RELEASE_FILES = ("release.yaml", "release.yml", "release.json")
 # Our own wording, added to every card of a model whose release declares domain "medical".
@@ -235,7 +236,7 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
                 **common, architecture=architecture, parameters=f"{parameters / 1e6:.0f}M",
                 base_models=[asdict(b) for b in meta.base_models], license=decision.weights_license,
                 license_name=w["name"], code_license=decision.code_license, code_license_name=c["name"],
-                source_checkpoint_hash=_recorded_hash(folder), variants=variants,
+                source_checkpoint_hash=origin_hash(folder_metadata(folder)), variants=variants,
             )  # fmt: skip
         else:
             first = rows[0]["file"] if rows else ""
@@ -260,15 +261,6 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
         "license": decision.to_dict(),
         "cards": [asdict(o) for o in outputs],
     }
-
-
-def _recorded_hash(folder: Path) -> str | None:
-    from release.tensors import parse_safetensors_header
-
-    for f in sorted(folder.glob("*.safetensors"))[:1]:
-        meta = parse_safetensors_header(f)[1].get("__metadata__") or {}
-        return meta.get("origin_checkpoint_hash") or meta.get("source_checkpoint_hash")
-    return None
 
 
 def _tidy(text: str) -> str:

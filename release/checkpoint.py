@@ -76,7 +76,7 @@ class Checkpoint:
         meta = self.files[0].metadata if self.files else {}
         if not str(meta.get("producer", "")).startswith(TOOL_NAME):
             return None
-        return meta.get("origin_checkpoint_hash") or meta.get("source_checkpoint_hash")
+        return hashing.origin_hash(meta)
 
     def file_of(self, name: str) -> TensorFile:
         return self._file_of[name]

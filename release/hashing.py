@@ -61,6 +61,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def origin_hash(recorded: dict[str, str]) -> str | None:
+    """The oldest checkpoint hash a model-release output's metadata records: its origin if it was
+    made from another of our outputs, else its direct source."""
+    return recorded.get("origin_checkpoint_hash") or recorded.get("source_checkpoint_hash")
+
+
 def checkpoint_hash(entries: dict[str, tuple[str, tuple[int, ...], str]]) -> str:
     """Combine per-tensor ``(dtype, shape, digest)`` into one checkpoint hash."""
     h = blake3.blake3()

@@ -148,6 +148,13 @@ def parse_safetensors_header(path: Path) -> tuple[int, dict]:
     return 8 + n, header
 
 
+def folder_metadata(folder: Path) -> dict[str, str]:
+    """``__metadata__`` of a safetensors folder's first shard (where our writers record provenance)."""
+    for f in sorted(Path(folder).glob("*.safetensors"))[:1]:
+        return dict(parse_safetensors_header(f)[1].get("__metadata__") or {})
+    return {}
+
+
 class SafetensorsFile(TensorFile):
     format = "safetensors"
 

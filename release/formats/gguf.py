@@ -214,8 +214,9 @@ class GGUFFile:
         self.digests: dict[str, str] = {}
         self.offsets: dict[str, tuple[int, int]] = {}
         w = gguf.GGUFWriter(path=None, arch=arch.spec["gguf"]["arch"])
-        meta.with_(source_checkpoint_hash=hashing.PLACEHOLDER_HASH).to_gguf().set_gguf_meta_model(w)
-        for k, v in meta.with_(source_checkpoint_hash=hashing.PLACEHOLDER_HASH).gguf_provenance().items():
+        pending = meta.with_(source_checkpoint_hash=hashing.PLACEHOLDER_HASH)
+        pending.to_gguf().set_gguf_meta_model(w)
+        for k, v in pending.gguf_provenance().items():
             w.add_string(k, v)
         _hparams(w, arch)
         w.add_file_type(gtype.file_type.value)
@@ -353,7 +354,7 @@ def write_gguf(
         ):
             tmp = Path(tmpdir)
             try:
-                files = _write_direct(
+                files, source_hash = _write_direct(
                     ckpt,
                     tensors,
                     arch,
@@ -365,7 +366,6 @@ def write_gguf(
                     reporter=reporter,
                     warnings=warnings,
                 )
-                source_hash = files.pop("__hash__")  # type: ignore[arg-type]
                 outputs: list[GGUFOutput] = []
                 for t in direct:
                     outputs.append(_check_direct(files[t.name], t, tensors))
@@ -417,8 +417,8 @@ def _write_direct(
     allow_nonfinite: bool,
     reporter: Reporter,
     warnings: list[str],
-) -> dict[str, Any]:
-    """The single pass over the source. Returns {type name: GGUFFile, "__hash__": source hash}."""
+) -> tuple[dict[str, GGUFFile], str]:
+    """The single pass over the source. Returns the files by type name and the source hash."""
     files = {t.name: GGUFFile(tmp / f"{t.name}.gguf", t, tensors, arch, vocab, meta) for t in types}
     digests: dict[str, tuple[str, tuple[int, ...], str]] = {}
     reporter.start(f"writing GGUF {', '.join(files)}", sum(pt.ref.nbytes for pt in tensors))
@@ -449,7 +449,7 @@ def _write_direct(
     finally:
         pool.shutdown(wait=True)
         reporter.done()
-    return {**files, "__hash__": source_hash}
+    return files, source_hash
 
 
 def _check_direct(f: GGUFFile, t: GGUFType, tensors: list[PlannedTensor]) -> GGUFOutput:

@@ -76,7 +76,10 @@ class TransformersRuntime(Runtime):
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device = device
         self.vocab_size = int(self.model.config.vocab_size)
-        self.recorded_hashes = _safetensors_hashes(path)
+        from release.tensors import folder_metadata
+
+        meta = folder_metadata(path)
+        self.recorded_hashes = tuple(meta[k] for k in ("source_checkpoint_hash", "origin_checkpoint_hash") if k in meta)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok.encode(text))
@@ -84,16 +87,6 @@ class TransformersRuntime(Runtime):
     def logits(self, ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
             return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
-
-
-def _safetensors_hashes(path: Path) -> tuple[str, ...]:
-    from release.tensors import parse_safetensors_header
-
-    for f in sorted(path.glob("*.safetensors"))[:1]:
-        _, header = parse_safetensors_header(f)
-        meta = header.get("__metadata__") or {}
-        return tuple(v for k, v in meta.items() if k in ("source_checkpoint_hash", "origin_checkpoint_hash"))
-    return ()
 
 
 class LlamaCppRuntime(Runtime):
