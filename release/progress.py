@@ -10,8 +10,8 @@ from __future__ import annotations
 class Reporter:
     """Silent reporter; subclass to show progress. ``total`` is in bytes unless said otherwise."""
 
-    def start(self, description: str, total: int | None = None) -> None:
-        pass
+    def start(self, description: str, total: int | None = None, unit: str = "bytes") -> None:
+        """Begin a step; ``total`` counts ``unit`` (bytes, layers, prompts...)."""
 
     def advance(self, amount: int = 1) -> None:
         pass

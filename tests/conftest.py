@@ -162,6 +162,16 @@ def smollm2():
     return fixtures.smollm2()
 
 
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2, tmp_path_factory):
+    """Reference logits of the real model on the built-in evaluation set (built once per test run)."""
+    from release.validation.reference import build_reference, load_reference
+
+    path = tmp_path_factory.mktemp("reference") / "ref.safetensors"
+    build_reference(smollm2.hf, path)
+    return load_reference(path)
+
+
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders a failed run must not leave behind."""
     return [p.name for p in parent.rglob("*") if any(m in p.name for m in (".partial-", ".old-", ".model-release-"))]

@@ -21,10 +21,9 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def setup(smollm2, tmp_path_factory):
+def setup(smollm2, smollm2_reference, tmp_path_factory):
     base = tmp_path_factory.mktemp("validate")
-    ref = base / "ref.safetensors"
-    build_reference(smollm2.hf, ref)
+    ref = smollm2_reference.path
     convert(smollm2.hf, base / "st")
     write_gguf(smollm2.hf, base / "gguf", ["Q8_0"], name="m")
     return {"ref": ref, "st": base / "st", "q8": base / "gguf" / "m-Q8_0.gguf", "base": base}

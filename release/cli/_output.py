@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
     TextColumn,
@@ -39,13 +40,15 @@ class RichReporter(Reporter):
         self._progress: Progress | None = None
         self._task: Any = None
 
-    def start(self, description: str, total: int | None = None) -> None:
+    def start(self, description: str, total: int | None = None, unit: str = "bytes") -> None:
         self.done()
         if not self.enabled:
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}")]
-        if total:
+        if total and unit == "bytes":
             columns += [BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+        elif total:
+            columns += [BarColumn(), MofNCompleteColumn(), TextColumn(unit)]
         columns.append(TimeElapsedColumn())
         self._progress = Progress(*columns, console=stderr, transient=False)
         self._progress.start()

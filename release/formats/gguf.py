@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ import torch
 from release import hashing
 from release.architectures import Architecture, data_file
 from release.atomic import fsync_path
+from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
@@ -495,27 +495,15 @@ def _llama_cpp() -> Any:
 @contextlib.contextmanager
 def _quiet_llama_logs() -> Iterator[Any]:
     """llama.cpp's quantizer prints a line per tensor (fallback warnings included) on fd 2, partly
-    around the log callback. Capture it in a temporary file: our summary reports the fallbacks,
-    and a failure quotes the tail."""
+    around the log callback: capture it. Our summary reports the fallbacks; a failure quotes the tail."""
     logger = logging.getLogger("llama-cpp-python")  # gates llama-cpp-python's own log callback
     level = logger.level
     logger.setLevel(logging.ERROR)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 2)
-        try:
+    try:
+        with capture_fd(2) as log:
             yield log
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            logger.setLevel(level)
-
-
-def _tail(log: Any, lines: int = 3) -> str:
-    log.seek(0)
-    text = log.read().decode("utf-8", errors="replace").strip().splitlines()
-    return " | ".join(text[-lines:])
+    finally:
+        logger.setLevel(level)
 
 
 def _quantize_llama_cpp(
@@ -529,10 +517,10 @@ def _quantize_llama_cpp(
     params.nthread = os.cpu_count() or 1
     with _quiet_llama_logs() as log:
         rc = llama_cpp.llama_model_quantize(str(inter).encode(), str(out).encode(), params)
-        tail = _tail(log) if rc != 0 or not out.is_file() else ""
+        said = tail(log) if rc != 0 or not out.is_file() else ""
     reporter.done()
     if rc != 0 or not out.is_file():
-        raise CheckFailedError(f"llama.cpp failed to quantize to {t.name} (code {rc}): {tail}")
+        raise CheckFailedError(f"llama.cpp failed to quantize to {t.name} (code {rc}): {said}")
     with open(out, "rb+") as f:
         os.fsync(f.fileno())
     reader = _read(out)

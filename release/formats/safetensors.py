@@ -381,3 +381,28 @@ def convert(
         verified=True,
         seconds=round(time.monotonic() - started, 3),
     )
+
+
+def restamp(path: Path, metadata: dict[str, str]) -> None:
+    """Rewrite the ``__metadata__`` of a safetensors file another tool wrote (GPTQModel), every tensor's
+    bytes unchanged (copied file to file), checked by the library, then renamed over the original."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.restamp")
+    with SafetensorsFile(path) as f:
+        refs = list(f.refs.values())
+        shard = Shard(tmp.name, [OutTensor(r, r.dtype) for r in refs])
+        writer = ShardWriter(tmp, shard, metadata)
+        written: dict[str, str] = {}
+        try:
+            for r in refs:
+                with f.open(r) as t:
+                    data = tensor_bytes(t)
+                    written[r.name] = hashing.write_digest(data)
+                    writer.write(r.name, data, f.raw_range(r))
+            writer.finish(metadata)
+            verify_output(tmp.parent, [shard], written, metadata)
+        except BaseException:
+            writer.abort()
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, path)

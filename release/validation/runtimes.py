@@ -6,6 +6,7 @@ token ids) and returns next-token logits for a list of ids, one prompt at a time
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class TransformersRuntime(Runtime):
     """Weights as stored, computed in float32 (so a lossless copy reproduces the reference exactly)."""
 
     name = "transformers"
+    _quiet: Any = None
 
     def __init__(self, path: Path, kind: str, device: str = "cpu") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,19 +63,21 @@ class TransformersRuntime(Runtime):
 
         hf_logging.disable_progress_bar()
 
-        if kind == "gptq":
-            try:
-                import gptqmodel  # noqa: F401
-            except ImportError:
-                raise BadInputError(
-                    f"{path}: GPTQ variants run through transformers with GPTQModel; pip install gptqmodel optimum"
-                ) from None
+        quiet: Any = contextlib.nullcontext()
+        if kind == "gptq":  # transformers loads GPTQ through GPTQModel, which logs on stdout
+            from release.capture import capture_fd
+            from release.formats.gptq import import_gptqmodel
+
+            import_gptqmodel()
+            quiet = capture_fd(1)
+            self._quiet = capture_fd
         try:
             self.tok = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise BadInputError(f"{path}: no usable tokenizer ({exc})") from None
         dtype = "auto" if kind == "gptq" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        with quiet:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device = device
         self.vocab_size = int(self.model.config.vocab_size)
         from release.tensors import folder_metadata
@@ -85,7 +89,8 @@ class TransformersRuntime(Runtime):
         return list(self.tok.encode(text))
 
     def logits(self, ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
+        quiet = self._quiet(1) if self._quiet else contextlib.nullcontext()
+        with torch.no_grad(), quiet:
             return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
 
 
