@@ -172,6 +172,17 @@ def smollm2_reference(smollm2, tmp_path_factory):
     return load_reference(path)
 
 
+@pytest.fixture(scope="session")
+def smollm2_gptq(smollm2, tmp_path_factory):
+    """A GPTQ 4-bit variant of the real model (built-in calibration, 12 windows of 256 tokens)."""
+    from release.formats.gptq import GPTQSettings, quantize
+    from release.metadata import ReleaseMetadata
+
+    meta = ReleaseMetadata(name="SmolLM2-135M-Instruct", version="1.0", license="apache-2.0")
+    out = tmp_path_factory.mktemp("gptq") / "gptq"
+    return quantize(smollm2.hf, out, GPTQSettings(samples=12, seq_len=256), metadata=meta)
+
+
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders a failed run must not leave behind."""
     return [p.name for p in parent.rglob("*") if any(m in p.name for m in (".partial-", ".old-", ".model-release-"))]

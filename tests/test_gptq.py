@@ -21,13 +21,12 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(scope="module")
-def made(smollm2, smollm2_reference, tmp_path_factory):
+def made(smollm2, smollm2_reference, smollm2_gptq, tmp_path_factory):
     """One GPTQ (built-in calibration, 12 windows of 256 tokens) and its round-to-nearest control."""
-    base = tmp_path_factory.mktemp("gptq")
+    base = tmp_path_factory.mktemp("rtn")
     meta = ReleaseMetadata(name="SmolLM2-135M-Instruct", version="1.0", license="apache-2.0")
-    gptq = quantize(smollm2.hf, base / "gptq", GPTQSettings(samples=12, seq_len=256), metadata=meta)
     rtn = quantize(smollm2.hf, base / "rtn", GPTQSettings(method="rtn"), metadata=meta)
-    return {"gptq": gptq, "rtn": rtn, "ref": smollm2_reference, "base": base}
+    return {"gptq": smollm2_gptq, "rtn": rtn, "ref": smollm2_reference, "base": base}
 
 
 @pytest.mark.real_model

@@ -9,7 +9,10 @@ from release.cli.card import card_command, license_app
 from release.cli.convert import convert_command
 from release.cli.fixture import fixture_command
 from release.cli.gguf import gguf_command
+from release.cli.gptq import gptq_command
+from release.cli.hub import fetch_command, hub_app, publish_command
 from release.cli.inspect import inspect_command
+from release.cli.sign import keygen_command, manifest_command, sign_command, verify_command
 from release.cli.validate import reference_command, validate_command
 
 app = typer.Typer(
@@ -37,11 +40,19 @@ def _root(
 
 app.command("convert")(convert_command)
 app.command("gguf")(gguf_command)
+app.command("gptq")(gptq_command)
 app.command("inspect")(inspect_command)
 app.command("reference")(reference_command)
 app.command("card")(card_command)
 app.add_typer(license_app, name="license")
 app.command("validate")(validate_command)
+app.command("manifest")(manifest_command)
+app.command("keygen")(keygen_command)
+app.command("sign")(sign_command)
+app.command("verify")(verify_command)
+app.command("publish")(publish_command)
+app.command("fetch")(fetch_command)
+app.add_typer(hub_app, name="hub")
 app.command("fixture")(fixture_command)
 
 

@@ -1,0 +1,108 @@
+"""`model-release manifest | keygen | sign | verify`: seal release folders and check them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from release.cli._output import JSON_HELP, QUIET_HELP, print_json, run, stdout
+
+
+def manifest_command(
+    release_dir: Path = typer.Argument(..., help="Release folder: release.yaml plus the model/GGUF/GPTQ folders."),
+    reference: Path | None = typer.Option(
+        None,
+        "--reference",
+        "-r",
+        help="Reference logits to publish with every repository (enables fetch --revalidate).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+) -> None:
+    """Write `release-manifest.json` into every release folder: each file's size, sha256, format and
+    variant, each variant's validation summary, the licenses and the source checkpoint hash (shape:
+    `release/data/schemas/release_manifest.schema.json`). Run it after `validate` and `card`."""
+    from release.manifest import write_manifests
+
+    manifests = run(
+        lambda rep: write_manifests(release_dir, reference=reference, reporter=rep), as_json=as_json, quiet=quiet
+    )
+    if as_json:
+        print_json({"ok": True, "manifests": manifests})
+        return
+    for m in manifests:
+        variants = ", ".join(
+            f"{v}{'' if s is None else (' pass' if s['passed'] else ' FAIL')}" for v, s in m["variants"].items()
+        )
+        stdout.print(f"{m['repo_id']}: {len(m['files'])} files; variants: {variants}", highlight=False)
+
+
+def keygen_command(
+    out_dir: Path = typer.Option(Path("."), "--output", "-o", help="Folder for release-signing.key and .pub."),
+    force: bool = typer.Option(False, "--force", help="Replace existing key files."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Make an EC P-256 key pair for offline signing (keep the .key secret; publish the .pub)."""
+    from release.signing import keygen
+
+    priv, pub = run(lambda rep: keygen(out_dir, force=force), as_json=as_json)
+    if as_json:
+        print_json({"ok": True, "private_key": str(priv), "public_key": str(pub)})
+    else:
+        stdout.print(f"private key {priv} (keep it secret), public key {pub}", highlight=False)
+
+
+def sign_command(
+    release_dir: Path = typer.Argument(..., help="Release folder (signs each model/GGUF/GPTQ folder in it)."),
+    key: Path | None = typer.Option(None, "--key", help="EC private key (PEM) for offline signing."),
+    sigstore: bool = typer.Option(False, "--sigstore", help="Sign with Sigstore (needs network and an identity)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Sign every release folder with OpenSSF model signing: `release.sig` inside each folder
+    covers every file (the manifest included). Run it last, after `manifest`."""
+    from release.hub.client import release_folders
+    from release.signing import sign_folder
+
+    def body(rep: object) -> list[str]:
+        _, folders = release_folders(release_dir)
+        return [str(sign_folder(f, private_key=key, sigstore=sigstore)) for f, _ in folders]
+
+    sigs = run(body, as_json=as_json)
+    if as_json:
+        print_json({"ok": True, "signatures": sigs})
+    else:
+        for s in sigs:
+            stdout.print(f"signed: {s}", highlight=False)
+
+
+def verify_command(
+    path: Path = typer.Argument(..., help="A release folder, or a folder of them (what `fetch` or `build` wrote)."),
+    public_key: Path | None = typer.Option(None, "--public-key", help="Check the signature with this public key."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Check a release folder against its manifest (every file present, unchanged, nothing added)
+    and, with --public-key, against its signature. Exit 1 names what differs."""
+    from release.cards import folder_kind
+    from release.manifest import MANIFEST, check_files, load_manifest
+    from release.signing import verify_folder
+
+    def body(rep: object) -> list[str]:
+        folders = [path] if (path / MANIFEST).is_file() else [p for p in sorted(path.iterdir()) if folder_kind(p)]
+        if not folders:
+            from release.errors import BadInputError
+
+            raise BadInputError(f"{path}: no release folders with a {MANIFEST}")
+        for f in folders:
+            check_files(f, load_manifest(f / MANIFEST))
+            if public_key is not None:
+                verify_folder(f, public_key)
+        return [str(f) for f in folders]
+
+    checked = run(body, as_json=as_json)
+    if as_json:
+        print_json({"ok": True, "verified": checked, "signature_checked": public_key is not None})
+    else:
+        what = "manifest and signature" if public_key else "manifest (no --public-key: signature not checked)"
+        for f in checked:
+            stdout.print(f"ok: {f} matches its {what}", highlight=False)

@@ -1,0 +1,122 @@
+"""Sign and verify release folders with OpenSSF model signing (``model-signing``).
+
+Key-based signing (an EC P-256 key; `keygen` makes one) works offline; sigstore signing, for users
+with network and an identity, is the library's default and is reachable with ``--sigstore``. The
+signature (``release.sig``, a sigstore bundle whose payload lists every file's sha256) lives
+inside the folder and is excluded from what it signs, so it travels with the repository.
+
+A downstream user who fetched one variant has a subset of the folder. The library's ``verify``
+insists on every signed file, so for a subset we check the bundle's signature with the library's
+verifier and compare the files present with the digests it signed (``verify_subset``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from release.errors import BadInputError, CheckFailedError
+from release.manifest import MANIFEST, SIGNATURE
+
+IGNORED = [SIGNATURE, ".cache", ".gitattributes"]  # .cache: huggingface_hub's local_dir bookkeeping
+
+
+def _hashing_config(folder: Path) -> Any:
+    from model_signing import hashing
+
+    return hashing.Config().use_file_serialization(hashing_algorithm="sha256").set_ignored_paths(paths=IGNORED)
+
+
+def keygen(out_dir: Path, force: bool = False) -> tuple[Path, Path]:
+    """An EC P-256 key pair in PEM (what model-signing's key signer takes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from release.atomic import atomic_file
+
+    out_dir = Path(out_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    paths = out_dir / "release-signing.key", out_dir / "release-signing.pub"
+    for path, data in zip(paths, (priv, pub), strict=True):
+        with atomic_file(path, force=force) as tmp:
+            tmp.write_bytes(data)
+            if path.suffix == ".key":
+                tmp.chmod(0o600)
+    return paths
+
+
+def sign_folder(folder: Path, *, private_key: Path | None = None, sigstore: bool = False) -> Path:
+    from model_signing import signing
+
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise BadInputError(f"{folder}: no {MANIFEST}; run `model-release manifest` first")
+    config = signing.Config().set_hashing_config(_hashing_config(folder))
+    if sigstore:
+        config = config.use_sigstore_signer()
+    elif private_key is not None:
+        if not Path(private_key).is_file():
+            raise BadInputError(f"{private_key}: no such private key")
+        config = config.use_elliptic_key_signer(private_key=private_key)
+    else:
+        raise BadInputError("pass --key PRIVATE_KEY (offline) or --sigstore (needs network and an identity)")
+    sig = folder / SIGNATURE
+    try:
+        config.sign(folder, sig)
+    except (ValueError, OSError) as exc:
+        raise BadInputError(f"{folder}: signing failed ({exc})") from None
+    return sig
+
+
+def _verifier(public_key: Path) -> Any:
+    from model_signing import verifying
+
+    if not Path(public_key).is_file():
+        raise BadInputError(f"{public_key}: no such public key")
+    return verifying.Config().use_elliptic_key_verifier(public_key=public_key)
+
+
+def verify_folder(folder: Path, public_key: Path) -> None:
+    """The whole folder matches its signature: no file changed, added or removed."""
+    folder = Path(folder)
+    sig = folder / SIGNATURE
+    if not sig.is_file():
+        raise CheckFailedError(f"{folder}: no signature ({SIGNATURE})")
+    config = _verifier(public_key).set_hashing_config(_hashing_config(folder))
+    try:
+        config.verify(folder, sig)
+    except ValueError as exc:
+        raise CheckFailedError(f"{folder}: signature check failed: {exc}") from None
+
+
+def signed_digests(folder: Path, public_key: Path) -> dict[str, str]:
+    """Check the bundle's signature and return what it signed: relative path -> sha256 hex."""
+    from model_signing._serialization import serialization  # noqa: F401  (registers serializers)
+
+    config = _verifier(public_key)
+    sig = Path(folder) / SIGNATURE
+    if not sig.is_file():
+        raise CheckFailedError(f"{folder}: no signature ({SIGNATURE})")
+    try:
+        from model_signing._signing import sign_sigstore_pb as sigstore_pb
+
+        signature = sigstore_pb.Signature.read(sig)
+        # The library's own verifier checks the signature and decodes the signed manifest; its
+        # public verify() would then demand every signed file (see the module docstring).
+        expected = config._verifier.verify(signature)
+    except Exception as exc:  # the library raises several types for a bad signature or key
+        raise CheckFailedError(f"{folder}: signature check failed: {exc}") from None
+    return {rd.identifier: rd.digest.digest_hex for rd in expected.resource_descriptors()}
+
+
+def verify_subset(folder: Path, public_key: Path, files: dict[str, str]) -> None:
+    """``files`` (relative path -> sha256 we computed) are all signed with exactly those digests."""
+    signed = signed_digests(folder, public_key)
+    problems = [f"{p} is not signed" for p in files if p not in signed]
+    problems += [f"{p}: sha256 differs from the signed one" for p, d in files.items() if p in signed and signed[p] != d]
+    if problems:
+        raise CheckFailedError(f"{folder}: signature check failed: {'; '.join(problems)}")

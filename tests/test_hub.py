@@ -1,0 +1,250 @@
+"""Publish and fetch against a Hub-compatible server on 127.0.0.1, with the real huggingface_hub
+client: a real SmolLM2 release (safetensors, GGUF Q8_0 + Q4_K_M, GPTQ), republishing uploads
+nothing, a publish killed half way resumes without re-uploading, fetch verifies hashes and the
+signature and refuses a tampered repository, and the token never appears in any output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+
+from release.formats.gguf import write_gguf
+from release.formats.safetensors import convert
+from release.hub.server import HubServer
+from release.manifest import MANIFEST, SIGNATURE, write_manifests
+from release.signing import keygen, sign_folder
+from release.validation.validate import validate
+from tests.conftest import ROOT, leftovers
+
+pytestmark = pytest.mark.real_model
+TOKEN = "hf_testTOKEN_d0n0tPr1nt_9f8e7d6c5b4a"
+REPO = "example/SmolLM2-135M-Instruct-demo"
+
+
+@pytest.fixture(scope="module")
+def release(smollm2, smollm2_reference, smollm2_gptq, tmp_path_factory):
+    """RELEASE_DIR with release.yaml, model/GGUF/GPTQ folders, cards, manifests and signatures."""
+    base = tmp_path_factory.mktemp("release")
+    rel = base / "rel"
+    rel.mkdir()
+    shutil.copyfile(ROOT / "examples" / "smollm2-release.yaml", rel / "release.yaml")
+    convert(smollm2.hf, rel / "smollm2")
+    write_gguf(rel / "smollm2", rel / "gguf", ["Q8_0", "Q4_K_M"], name="SmolLM2-135M-Instruct")
+    shutil.copytree(smollm2_gptq.output, rel / "smollm2-gptq")
+    validate(sorted((rel / "gguf").glob("*.gguf")), smollm2_reference.path)
+    from release.cards import render_cards
+
+    render_cards(rel)
+    write_manifests(rel, reference=smollm2_reference.path)
+    priv, pub = keygen(base / "keys")
+    for folder in ("smollm2", "gguf", "smollm2-gptq"):
+        sign_folder(rel / folder, private_key=priv)
+    return {"dir": rel, "pub": pub, "priv": priv, "base": base}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fresh local Hub requiring TOKEN; the client is pointed at it as a user would (env vars)."""
+    server = HubServer(tmp_path / "hub-data", token=TOKEN).start()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the local Hub speaks LFS
+    yield server
+    server.stop()
+
+
+def _no_token(*texts: str) -> None:
+    for t in texts:
+        assert TOKEN not in t
+
+
+def _publish(cli, release, hub, *extra):
+    r = cli("publish", release["dir"], "--endpoint", hub.url, "--tag", "v1.0", "--json", *extra)
+    _no_token(r.stdout, r.stderr)
+    return r
+
+
+def _stored_objects(hub) -> int:
+    return len(list((hub.state.root / "lfs").iterdir()))
+
+
+def test_publish_real_release_then_again_uploads_nothing(cli, release, hub):
+    r = _publish(cli, release, hub)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert [p["repo_id"] for p in out["repos"]] == [f"{REPO}-GGUF", REPO, f"{REPO}-GPTQ"]
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    for plan in out["repos"]:
+        folder = Path(plan["folder"])
+        remote = {f.path: f for f in api.list_repo_tree(plan["repo_id"], revision="v1.0", recursive=True)}
+        local = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        assert set(remote) - {".gitattributes"} == local  # card, licenses, manifest, signature included
+        assert {"README.md", "LICENSE", MANIFEST, SIGNATURE} <= local
+        weights = [p for p in local if p.endswith((".gguf", ".safetensors"))]
+        assert weights and all(remote[p].lfs is not None for p in weights)
+        assert plan["uploaded"] and plan["commit"] and plan["tag"] == "v1.0"
+    uploads, requests = hub.state.lfs_uploads, len(hub.state.requests)
+    assert uploads == _stored_objects(hub) > 0
+    heads = {p["repo_id"]: api.repo_info(p["repo_id"]).sha for p in out["repos"]}
+
+    again = _publish(cli, release, hub)
+    assert again.exit_code == 0, again.stdout + again.stderr
+    second = json.loads(again.stdout)
+    assert not any(p["uploaded"] for p in second["repos"])
+    assert all(not p["new"] and not p["changed"] and not p["deleted"] for p in second["repos"])
+    assert hub.state.lfs_uploads == uploads  # not one byte of weights sent again
+    assert {p["repo_id"]: api.repo_info(p["repo_id"]).sha for p in second["repos"]} == heads  # no new commit
+    assert not any(" /lfs-upload/" in q or "/commit/" in q for q in hub.state.requests[requests:])
+    text = cli("publish", release["dir"], "--endpoint", hub.url, "--tag", "v1.0")
+    assert "nothing to upload" in text.stdout
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(cli, release, hub):
+    r = cli("publish", release["dir"], "--endpoint", hub.url, "--dry-run", "--json")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    plans = json.loads(r.stdout)["repos"]
+    gguf = next(p for p in plans if p["repo_id"].endswith("-GGUF"))
+    size = sum(f.stat().st_size for f in Path(gguf["folder"]).iterdir() if f.is_file())
+    assert not gguf["exists"] and gguf["upload_bytes"] == size and MANIFEST in gguf["new"]
+    assert not list((hub.state.root / "repos").rglob("*.json")) and hub.state.lfs_uploads == 0
+    assert all(q.startswith("GET ") for q in hub.state.requests)  # reads only
+
+
+def test_publish_killed_half_way_resumes_without_reuploading(cli, release, hub):
+    hub.state.hold_uploads_after = 2  # the third LFS upload hangs until the publisher is killed
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
+    cmd = [sys.executable, "-c", "from release.cli import main; main()", "publish", str(release["dir"]),
+           "--endpoint", hub.url, "--tag", "v1.0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while hub.state.lfs_uploads < 2 or sum("/lfs-upload/" in q for q in hub.state.requests) <= 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "publisher ended before it was cut off"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    _no_token(out, err)
+    hub.state.hold_uploads_after = None
+    hub.state.released.set()
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    first = hub.state.lfs_uploads
+    assert first == 2
+    # Nothing was committed: the repository holds only its initial commit, no weights.
+    tree = [f.path for f in api.list_repo_tree(f"{REPO}-GGUF", recursive=True)]
+    assert tree == [".gitattributes"]
+
+    r = _publish(cli, release, hub)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    # Every stored object was sent exactly once over both runs: the 2 that reached the server were skipped.
+    assert hub.state.lfs_uploads == _stored_objects(hub) > first
+    for p in json.loads(r.stdout)["repos"]:
+        assert api.repo_info(p["repo_id"], revision="v1.0").sha == p["commit"]
+
+
+def test_fetch_one_variant_and_verify(cli, release, hub, tmp_path):
+    assert _publish(cli, release, hub).exit_code == 0
+    out = tmp_path / "q8"
+    r = cli("fetch", f"{REPO}-GGUF", "--variant", "Q8_0", "--revision", "v1.0", "-o", out, "--endpoint", hub.url,
+            "--public-key", release["pub"], "--revalidate", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.stdout + r.stderr
+    _no_token(r.stdout, r.stderr)
+    res = json.loads(r.stdout)
+    manifest = json.loads((release["dir"] / "gguf" / MANIFEST).read_text())
+    expected = {f["path"] for f in manifest["files"] if f["variant"] in (None, "Q8_0")}
+    got = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert got == expected | {MANIFEST, SIGNATURE}  # only what Q8_0 needs: no Q4_K_M file, no .cache
+    assert not any("Q4_K_M" in p for p in got)
+    for p in expected:
+        assert (out / p).read_bytes() == (release["dir"] / "gguf" / p).read_bytes()
+    assert res["signature_checked"] and res["revalidated"]["passed"]
+    assert res["revalidated"]["kl_mean"] == pytest.approx(manifest["variants"]["Q8_0"]["kl_mean"], rel=1e-3)
+
+    bad = cli("fetch", f"{REPO}-GGUF", "--variant", "Q3_K_S", "-o", tmp_path / "x", "--endpoint", hub.url)
+    assert bad.exit_code == 2 and "Q4_K_M, Q8_0" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def _fetch_refused(cli, hub, tmp_path, release, *needles: str, key: bool = False):
+    out = tmp_path / "fetched"
+    args = ["fetch", f"{REPO}-GGUF", "--variant", "Q8_0", "-o", out, "--endpoint", hub.url]
+    r = cli(*args, *(["--public-key", release["pub"]] if key else []))
+    assert r.exit_code == 1, r.stdout + r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_fetch_refuses_a_tampered_repository(cli, release, hub, tmp_path):
+    assert _publish(cli, release, hub).exit_code == 0
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    repo = f"{REPO}-GGUF"
+    gguf_name = "SmolLM2-135M-Instruct-Q8_0.gguf"
+    # 1. One byte of a stored weight file changed on the server.
+    sha = next(f.lfs.sha256 for f in api.list_repo_tree(repo, recursive=True) if f.path == gguf_name)
+    blob = hub.state.root / "lfs" / sha
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    original = blob.read_bytes()
+    blob.write_bytes(bytes(data))
+    _fetch_refused(cli, hub, tmp_path, release, f"changed: {gguf_name}")
+    blob.write_bytes(original)
+    # 2. A file added that the manifest does not list.
+    api.create_commit(repo, [CommitOperationAdd("extra.py", b"print('hi')\n")], commit_message="add")
+    _fetch_refused(cli, hub, tmp_path, release, "not in the manifest: extra.py")
+    # 3. A listed file removed.
+    api.create_commit(repo, [CommitOperationDelete("extra.py"), CommitOperationDelete("LICENSE")], commit_message="rm")
+    _fetch_refused(cli, hub, tmp_path, release, "missing from the repository: LICENSE")
+    # 4. A weight file and the manifest changed consistently: only the signature can tell.
+    folder = release["base"] / "forged"
+    shutil.copytree(release["dir"] / "gguf", folder)
+    (folder / gguf_name).write_bytes(bytes(data))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    from release.hashing import sha256_file
+
+    for f in manifest["files"]:
+        if f["path"] == gguf_name:
+            f["sha256"] = sha256_file(folder / gguf_name)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    ops = [CommitOperationAdd(p, str(folder / p)) for p in (gguf_name, MANIFEST, "LICENSE")]
+    api.create_commit(repo, ops, commit_message="forged")
+    r = cli("fetch", repo, "--variant", "Q8_0", "-o", tmp_path / "ok", "--endpoint", hub.url)
+    assert r.exit_code == 0  # hashes agree with the (forged) manifest...
+    _fetch_refused(cli, hub, tmp_path, release, "signature check failed", key=True)  # ...the signature does not
+
+
+def test_wrong_token_fails_without_printing_it(cli, release, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN + "x")
+    for extra in ((), ("--json",)):
+        r = cli("publish", release["dir"], "--endpoint", hub.url, *extra)
+        assert r.exit_code == 1
+        assert "401" in (r.stdout + r.stderr)
+        assert TOKEN not in r.stdout + r.stderr
+
+
+def test_gated_release_needs_a_token_to_fetch(cli, release, hub, tmp_path, monkeypatch):
+    assert _publish(cli, release, hub, "--gated").exit_code == 0
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    assert api.model_info(REPO).gated == "auto"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("release.hub.client.resolve_token", lambda token=None: None)
+    r = cli("fetch", REPO, "--variant", "bf16", "-o", tmp_path / "m", "--endpoint", hub.url)
+    assert r.exit_code == 1 and "401" in r.stderr and not (tmp_path / "m").exists()
+
+
+def test_embedded_local_target_needs_no_account(cli, release, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    target = f"local:{tmp_path / 'registry'}"
+    r = cli("publish", release["dir"], "--endpoint", target, "--tag", "v1.0", "--json")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    r = cli("fetch", f"{REPO}-GPTQ", "--variant", "gptq-4bit-g64", "--revision", "v1.0", "-o", tmp_path / "g",
+            "--endpoint", target, "--public-key", release["pub"], "--json")  # fmt: skip
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["signature_checked"]
+    assert (tmp_path / "g" / "model.safetensors").is_file() and (tmp_path / "g" / "quantize_config.json").is_file()
