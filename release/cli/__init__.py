@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from release import __version__
+from release.cli.build import build_command
 from release.cli.card import card_command, license_app
 from release.cli.convert import convert_command
 from release.cli.fixture import fixture_command
@@ -38,6 +39,7 @@ def _root(
     """Exit codes everywhere: 0 ok, 1 a check failed, 2 bad input."""
 
 
+app.command("build")(build_command)
 app.command("convert")(convert_command)
 app.command("gguf")(gguf_command)
 app.command("gptq")(gptq_command)

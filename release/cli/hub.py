@@ -16,7 +16,10 @@ hub_app = typer.Typer(help="A local Hugging Face Hub-compatible server.", no_arg
 
 
 def publish_command(
-    release_dir: Path = typer.Argument(..., help="Release folder: release.yaml plus manifested, signed folders."),
+    release_dir: Path = typer.Argument(
+        ..., help="Release folder (release.yaml plus manifested, signed folders), or a release file built by `build`."
+    ),
+    dist: Path = typer.Option(Path("dist"), "--dist", help="With a release file: where `build` wrote it."),
     repo: str | None = typer.Option(
         None, "--repo", help="ORG/NAME of the main repository (default: from repo_url in the release file)."
     ),
@@ -45,6 +48,17 @@ def publish_command(
     printed. Exit codes: 0 published, 1 the Hub refused or failed (rerun to resume), 2 bad input."""
     from release.hub.client import publish
 
+    if release_dir.is_file():  # a release file: its build folder, and its publish section as defaults
+        from release.pipeline import load_release_file
+
+        rf = run(lambda rep: load_release_file(release_dir), as_json=as_json)
+        settings = rf.section("publish")
+        release_dir = dist / f"{rf.name}-{rf.version}"
+        repo = repo or settings.get("repo")
+        endpoint = endpoint or settings.get("endpoint")
+        tag = tag or (settings["tag"].replace("{version}", rf.version) if settings.get("tag") else None)
+        private = private or bool(settings.get("private"))
+        gated = gated if gated is not None else settings.get("gated")
     repos = {k: v for k, v in {"gguf": gguf_repo, "gptq": gptq_repo}.items() if v}
     result = run(
         lambda rep: publish(

@@ -406,3 +406,25 @@ def restamp(path: Path, metadata: dict[str, str]) -> None:
             tmp.unlink(missing_ok=True)
             raise
     os.replace(tmp, path)
+
+
+def save_small(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write in-memory tensors with a reproducible byte layout: ``safetensors.save_file`` orders
+    ``__metadata__`` by a Rust hash map, so the same content gives different bytes from one process
+    to the next. Here keys and tensors are sorted; the library re-reads and checks the result."""
+    names = sorted(tensors)
+    refs = [TensorRef(n, dtypes.from_torch(tensors[n].dtype), tuple(tensors[n].shape), Path(path)) for n in names]
+    shard = Shard(Path(path).name, [OutTensor(r, r.dtype) for r in refs])
+    meta = dict(sorted(metadata.items()))
+    writer = ShardWriter(Path(path), shard, meta)
+    written = {}
+    try:
+        for n in names:
+            data = tensor_bytes(tensors[n].contiguous())
+            written[n] = hashing.write_digest(data)
+            writer.write(n, data)
+        writer.finish(meta)
+    except BaseException:
+        writer.abort()
+        raise
+    verify_output(Path(path).parent, [shard], written, meta)

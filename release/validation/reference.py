@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from release import __version__
 from release.atomic import atomic_file
 from release.checkpoint import open_checkpoint
 from release.errors import BadInputError
+from release.formats.safetensors import save_small
 from release.inspect import describe
 from release.progress import NULL, Reporter
 
@@ -182,7 +182,7 @@ def build_reference(
         "mean_rest_mass": repr(mean_rest),
     }
     with atomic_file(Path(out), force=force) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_small(tensors, tmp, meta)
     return ReferenceResult(
         output=str(out),
         source=str(src),

@@ -1,0 +1,86 @@
+"""`model-release build`: run the whole release from a release file, resumably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, print_json, run, stderr, stdout
+
+
+def build_command(
+    release_file: Path = typer.Argument(
+        ..., help="Release file (YAML/JSON; shape: release/data/schemas/release_file.schema.json)."
+    ),
+    dist: Path = typer.Option(Path("dist"), "--output", "-o", help="Where DIST/<name>-<version>/ is built."),
+    only: str | None = typer.Option(
+        None, "--only", help="Comma-separated families to build: safetensors, gguf, gptq (no cards/manifest/signature)."
+    ),
+    jobs: int = typer.Option(
+        1, "--jobs", "-j", min=1, help="Independent steps run in parallel, within available memory."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA when present), cpu or cuda: GPTQ, reference, validation."
+    ),
+    key: Path | None = typer.Option(None, "--key", help="Signing key (overrides the release file's signing section)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+) -> None:
+    """Build a release: convert -> reference logits -> each variant (GGUF types, GPTQ) -> validation
+    -> cards and license files -> manifest -> signature, into DIST/<name>-<version>/ with one folder
+    per repository to publish.
+
+    Each step records the hash of its inputs in DIST/<name>-<version>/.steps/: a rerun after success
+    does nothing, a rerun after a crash or kill -9 redoes only the unfinished step, and changing one
+    GGUF type rebuilds that file and what depends on it. A bad key or a license violation in the
+    release file fails before any heavy work. Exit codes: 0 built and every variant passed, 1 a
+    validation or license check failed, 2 bad input."""
+    from release.pipeline import build
+
+    families = {f.strip() for f in only.split(",") if f.strip()} if only else None
+
+    def event(kind: str, step: object, result: object) -> None:
+        if as_json or quiet:
+            return
+        name = getattr(step, "name", "?")
+        if kind == "start":
+            stderr.print(f"[bold]>[/] {name} ...", highlight=False)
+        elif kind == "skipped":
+            stderr.print(f"[dim]= {name}: up to date[/]", highlight=False)
+        elif kind == "blocked":
+            stderr.print(f"[yellow]- {name}: not run ({getattr(result, 'message', '')})[/]", highlight=False)
+        elif result is not None and getattr(result, "status", "") == "failed":
+            stderr.print(f"[red]x {name} failed:[/] {getattr(result, 'message', '')}", highlight=False)
+        else:
+            code = getattr(result, "exit_code", 0)
+            mark = "[yellow]![/]" if code else "[green]ok[/]"
+            stderr.print(f"{mark} {name} ({getattr(result, 'seconds', 0):.1f} s)", highlight=False)
+
+    result = run(
+        lambda rep: build(release_file, dist, only=families, jobs=jobs, device=device, key=key, on_event=event),
+        as_json=as_json,
+        quiet=quiet,
+    )
+    if as_json:
+        print_json(result.to_dict())
+        raise typer.Exit(result.exit_code)
+    table = Table(title=f"{result.release_dir} ({result.seconds:.0f} s)", header_style="bold")
+    for col in ("variant", "size", "mean KL", "top-1", "result"):
+        table.add_column(col, justify="right" if col in ("size", "mean KL", "top-1") else "left")
+    for v in result.variants:
+        passed = v.get("passed")
+        verdict = "[green]pass[/]" if passed else ("[red]FAIL[/]" if passed is False else "-")
+        kl = f"{v['kl_mean']:.2e}" if v.get("kl_mean") is not None else "-"
+        top1 = f"{v['top1_agreement']:.3f}" if v.get("top1_agreement") is not None else "-"
+        table.add_row(f"{v['family']} {v['variant']}", human_bytes(v["bytes"]), kl, top1, verdict)
+    stdout.print(table)
+    done = sum(s.status == "done" for s in result.steps)
+    skipped = sum(s.status == "skipped" for s in result.steps)
+    stdout.print(f"{done} step(s) run, {skipped} up to date", highlight=False)
+    for s in result.steps:
+        if s.status in ("failed", "blocked"):
+            stdout.print(f"[red]{s.name}: {s.status}[/] {s.message}", highlight=False)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)

@@ -1,0 +1,522 @@
+"""`model-release build`: a release file -> a verified, licensed, signed release, resumably.
+
+The pipeline is the flow of the single commands, each step one ``model-release`` command run in
+its own process (so memory is returned after each step, steps run in parallel with ``--jobs``, and
+a crash or ``kill -9`` takes down one step, not the build):
+
+    check -> convert -> gguf-<TYPE>... -+-> validate-<variant>... -> card -> manifest -> sign
+          -> reference ---------------- |
+          -> gptq ----------------------+
+
+Every step records, in ``DIST/.steps/<step>.json`` (written atomically after the step succeeds),
+the hash of its inputs (its settings plus the fingerprints of what it consumed) and the size and
+mtime of each file it wrote. A rerun skips a step whose record matches; anything else is redone,
+and so is everything downstream, because downstream inputs include upstream fingerprints. Each
+command writes atomically, so an interrupted step leaves no finished-looking output, and its
+record is missing, so the rerun redoes exactly that step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from release.architectures import data_file
+from release.atomic import atomic_file
+from release.errors import BadInputError, CheckFailedError
+from release.licensing import decide
+from release.metadata import ReleaseMetadata
+
+STEPS_DIR = ".steps"
+WORK_DIR = ".work"
+FAMILIES = ("safetensors", "gguf", "gptq")
+
+
+# --- the release file ----------------------------------------------------------------------------
+
+
+def _line_of(node: Any, path: list[Any], key: str | None = None) -> int | None:
+    """Line (1-based) of the YAML node at ``path``, or of the mapping key ``key`` inside it."""
+    import yaml
+
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return None
+        if node is None:
+            return None
+    if key is not None and isinstance(node, yaml.MappingNode):
+        node = next((k for k, _ in node.value if k.value == key), node)
+    return node.start_mark.line + 1
+
+
+@dataclass
+class ReleaseFile:
+    path: Path
+    data: dict[str, Any]
+    meta: ReleaseMetadata
+
+    @property
+    def name(self) -> str:
+        return str(self.data["release"]["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.data["release"]["version"])
+
+    def section(self, key: str) -> dict[str, Any]:
+        return dict(self.data.get(key) or {})
+
+    def relative(self, value: str) -> Path:
+        p = Path(os.path.expandvars(value)).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p)
+
+    def source(self) -> Path:
+        src = self.data["source"]
+        if "fixture" in src:
+            from release import fixtures
+
+            fx = fixtures.smollm2()
+            return fx.bin if src["fixture"] == "smollm2-bin" else fx.hf
+        path = self.relative(src["path"])
+        if not path.exists():
+            raise BadInputError(f"{self.path}:{self.line(['source', 'path'])}: source {path} does not exist")
+        return path
+
+    def line(self, path: list[Any]) -> int | str:
+        import yaml
+
+        try:
+            node = yaml.compose(self.path.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            return "?"
+        return _line_of(node, path) or "?"
+
+    def signing_key(self, override: Path | None = None) -> Path | None:
+        if override is not None:
+            return override
+        s = self.section("signing")
+        if s.get("key_env") and os.environ.get(s["key_env"]):
+            return Path(os.environ[s["key_env"]])
+        return self.relative(s["key"]) if s.get("key") else None
+
+
+def load_release_file(path: Path) -> ReleaseFile:
+    """Parse, check against the JSON Schema (errors name the key and its line), decide licenses."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        node = yaml.compose(text) if path.suffix in (".yaml", ".yml") else None
+    except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path}: cannot read the release file ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: a release file is a mapping (release, source, variants, ...)")
+    errors = sorted(
+        jsonschema.Draft202012Validator(data_file("schemas", "release_file.schema.json")).iter_errors(data),
+        key=lambda e: list(map(str, e.absolute_path)),
+    )
+    if errors:
+        e = errors[0]
+        where = list(e.absolute_path)
+        extra = re.search(r"'([^']+)' (?:was|were) unexpected", e.message)
+        line = _line_of(node, where, extra.group(1)) if (node is not None and extra) else None
+        line = line or (_line_of(node, where) if node is not None else None)
+        key = ".".join(map(str, [*where, *([extra.group(1)] if extra else [])])) or "(top level)"
+        msg = f"unknown key {key!r}" if extra else f"{key}: {e.message}"
+        raise BadInputError(f"{path}:{line or '?'}: {msg}", hint=f"schema: {len(errors)} problem(s) in all")
+    meta = ReleaseMetadata.from_file(path)
+    rf = ReleaseFile(path, data, meta)
+    decision = decide(meta)
+    if decision.violations:
+        raise CheckFailedError(
+            f"{path}:{rf.line(['release', 'license'])}: license check failed: {decision.violations[0]}"
+        )
+    return rf
+
+
+# --- steps and records ---------------------------------------------------------------------------
+
+
+def _fingerprint(paths: list[Path]) -> list[list[Any]]:
+    out = []
+    for p in paths:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            out.append([str(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Step:
+    name: str
+    family: str  # safetensors | gguf | gptq | release (card/manifest/sign) | reference
+    argv: list[str]
+    settings: dict[str, Any]
+    deps: list[str]
+    outputs: Callable[[], list[Path]]  # what the step wrote, listed after it ran
+    memory: int  # estimated peak bytes, for --jobs
+    ok_codes: tuple[int, ...] = (0,)  # validate: 1 (a failed check) is a result, not a crash
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # done | skipped | failed | blocked
+    seconds: float = 0.0
+    exit_code: int = 0
+    output: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+class Records:
+    def __init__(self, dist: Path) -> None:
+        self.dir = dist / STEPS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, step: str) -> Path:
+        return self.dir / f"{step}.json"
+
+    def load(self, step: str) -> dict[str, Any] | None:
+        p = self.path(step)
+        try:
+            return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        except json.JSONDecodeError:
+            return None
+
+    def valid(self, step: str, inputs: str) -> dict[str, Any] | None:
+        """The record, if its inputs match and every output is still as the step left it."""
+        rec = self.load(step)
+        if not rec or rec.get("inputs") != inputs:
+            return None
+        for f, size, mtime in rec["files"]:
+            p = Path(f)
+            if not p.is_file() or p.stat().st_size != size or p.stat().st_mtime_ns != mtime:
+                return None
+        return rec
+
+    def save(self, step: str, inputs: str, files: list[list[Any]], output: dict[str, Any], seconds: float) -> None:
+        rec = {"step": step, "inputs": inputs, "files": files, "output": output, "seconds": round(seconds, 2),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        with atomic_file(self.path(step), force=True) as tmp:
+            tmp.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+
+    def fingerprint(self, step: str) -> str:
+        rec = self.load(step)
+        return _digest(rec["files"]) if rec else "missing"
+
+
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _source_bytes(src: Path) -> int:
+    files = (
+        [src] if src.is_file() else [f for f in src.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    )
+    return sum(f.stat().st_size for f in files)
+
+
+@dataclass
+class Plan:
+    dist: Path
+    steps: list[Step]
+    variants: list[dict[str, Any]]  # name, family, path, validate step
+    source: Path
+    key: Path | None
+
+
+def plan_build(
+    rf: ReleaseFile, dist_root: Path, *, only: set[str] | None = None, device: str = "auto", key: Path | None = None
+) -> Plan:
+    """The steps for this release file (not yet run)."""
+    dist = Path(dist_root).absolute() / f"{rf.name}-{rf.version}"
+    src = rf.source()
+    size = _source_bytes(src)
+    cli = [sys.executable, "-m", "release.cli"]
+    meta_args = ["--metadata", str(dist / "release.yaml")]
+    release = rf.data["release"]
+    cfg = rf.section("variants")
+    evaluation = rf.section("evaluation")
+    thresholds = evaluation.get("thresholds") or {}
+    ref = dist / WORK_DIR / "reference.safetensors"
+    wanted = set(FAMILIES) if only is None else only
+    main, gguf_dir, gptq_dir = dist / rf.name, dist / f"{rf.name}-GGUF", dist / f"{rf.name}-GPTQ"
+    # Rough peaks for --jobs: streaming steps hold a few tensors; model runs hold the model in fp32.
+    small, model_mem = 1 << 30, int(1.5 * (1 << 30) + 2.5 * size)
+    source_fp = _fingerprint([src])
+    steps: list[Step] = []
+    variants: list[dict[str, Any]] = []
+
+    st = cfg.get("safetensors") or {}
+    dtype = st.get("dtype", "keep")
+    convert = [*cli, "convert", str(src), "-o", str(main), "--dtype", dtype, "--force", *meta_args]
+    convert += ["--max-shard-size", st.get("max_shard_size", "5GB")]
+    # The main folder is always built: the GGUF files are made from it.
+    steps.append(Step("convert", "safetensors", convert, {"source": source_fp, "cfg": st, "meta": release}, [],
+                      lambda: [main], small + size // 8))  # fmt: skip
+    ref_device = "cuda" if device in ("cuda", "auto") and _has_cuda() else "cpu"
+    reference = [*cli, "reference", str(src), "-o", str(ref), "--force", "--device", ref_device]
+    if evaluation.get("prompts"):
+        reference += ["--prompts", str(rf.relative(evaluation["prompts"]))]
+    if evaluation.get("max_tokens"):
+        reference += ["--max-tokens", str(evaluation["max_tokens"])]
+    steps.append(Step("reference", "reference", reference, {"source": source_fp, "eval": evaluation}, [],
+                      lambda: [ref], model_mem))  # fmt: skip
+    if "safetensors" in wanted:
+        variants.append({"name": dtype, "family": "safetensors", "path": main, "after": "convert"})
+
+    gguf_types = list((cfg.get("gguf") or {}).get("types") or [])
+    if "gguf" in wanted:
+        for t in gguf_types:
+            out = gguf_dir / f"{rf.name}-{t}.gguf"
+            args = [*cli, "gguf", str(main), "-o", str(gguf_dir), "-t", t, "--name", rf.name, "--force", *meta_args]
+            steps.append(Step(f"gguf-{t}", "gguf", args, {"meta": release}, ["convert"], lambda o=out: [o],
+                              small + size // 4))  # fmt: skip
+            variants.append({"name": t, "family": "gguf", "path": out, "after": f"gguf-{t}"})
+
+    gq = cfg.get("gptq")
+    if gq is not None and "gptq" in wanted:
+        args = [*cli, "gptq", str(src), "-o", str(gptq_dir), "--force", "--device", device, *meta_args]
+        flags = {"bits": "--bits", "group_size": "--group-size", "samples": "--samples", "seq_len": "--seq-len",
+                 "seed": "--seed"}  # fmt: skip
+        args += [x for k, flag in flags.items() if k in gq for x in (flag, str(gq[k]))]
+        if "calibration" in gq:
+            args += ["--calibration", str(rf.relative(gq["calibration"]))]
+        args += [
+            "--desc-act" if gq.get("desc_act") else "--no-desc-act",
+            "--sym" if gq.get("sym", True) else "--no-sym",
+        ]
+        steps.append(Step("gptq", "gptq", args, {"source": source_fp, "cfg": gq, "meta": release}, [],
+                          lambda: [gptq_dir], model_mem + (1 << 30)))  # fmt: skip
+        variants.append({"name": f"gptq-{gq.get('bits', 4)}bit", "family": "gptq", "path": gptq_dir, "after": "gptq"})
+
+    for v in variants:
+        v["validate"] = f"validate-{v['family']}" + (f"-{v['name']}" if v["family"] == "gguf" else "")
+        over = thresholds.get(_kind(v, st), {})
+        args = [*cli, "validate", str(v["path"]), "-r", str(ref), "--device", ref_device]
+        args += ["--max-kl", str(over["max_kl_mean"])] if "max_kl_mean" in over else []
+        args += ["--min-top1", str(over["min_top1"])] if "min_top1" in over else []
+        path = Path(v["path"])
+        base = path.with_suffix("") if path.suffix == ".gguf" else path
+        reports = [base.parent / f"{base.name}{s}" for s in (".validation.json", ".validation.md", ".kl.png")]
+        steps.append(Step(v["validate"], v["family"], args, {"thresholds": over}, [v["after"], "reference"],
+                          lambda r=reports: r, model_mem, ok_codes=(0, 1)))  # fmt: skip
+
+    if only is None:  # a partial build is not a release: no cards, manifest or signature
+        folders = [main, *([gguf_dir] if gguf_types else []), *([gptq_dir] if gq is not None else [])]
+        docs = ["README.md", "LICENSE", "USE_POLICY.md", "NOTICE"]
+        steps.append(Step("card", "release", [*cli, "card", str(dist)], {"meta": release},
+                          [v["validate"] for v in variants],
+                          lambda: [f / d for f in folders for d in docs if (f / d).is_file()], small))  # fmt: skip
+        steps.append(Step("manifest", "release", [*cli, "manifest", str(dist), "-r", str(ref)], {}, ["card"],
+                          lambda: [f / "release-manifest.json" for f in folders], small))  # fmt: skip
+        key = rf.signing_key(key)
+        if key is not None:
+            if not key.is_file():
+                raise BadInputError(f"signing key {key} does not exist", hint="make one with `model-release keygen`")
+            steps.append(Step("sign", "release", [*cli, "sign", str(dist), "--key", str(key)],
+                              {"key": _digest(key.read_bytes())}, ["manifest"],
+                              lambda: [f / "release.sig" for f in folders], small))  # fmt: skip
+    return Plan(dist, steps, variants, src, key if only is None else None)
+
+
+def _kind(v: dict[str, Any], st: dict[str, Any]) -> str:
+    if v["family"] == "gguf":
+        return f"gguf-{v['name']}"
+    if v["family"] == "gptq":
+        return v["name"]
+    return "lossless" if st.get("dtype", "keep") == "keep" else "safetensors-cast"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    release_dir: str
+    ok: bool
+    exit_code: int
+    steps: list[StepResult]
+    variants: list[dict[str, Any]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tidy(plan: Plan, rf: ReleaseFile) -> None:
+    """Remove what an interrupted run or a changed release file left: temporary folders of killed
+    steps, and variants the release file no longer asks for (with their records)."""
+    for p in list(plan.dist.rglob(".*")):
+        if (
+            ".partial-" in p.name
+            or p.name.startswith((".model-release-", ".gptq-offload-"))
+            or p.name.endswith(".restamp")
+        ):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    names = {s.name for s in plan.steps}
+    gguf_dir = plan.dist / f"{rf.name}-GGUF"
+    keep = {Path(v["path"]).stem for v in plan.variants if v["family"] == "gguf"}
+    if gguf_dir.is_dir():
+        for f in gguf_dir.iterdir():
+            if f.name.endswith(".gguf") and f.stem not in keep:
+                for g in gguf_dir.glob(f"{f.stem}.*"):
+                    g.unlink()
+    for rec in (plan.dist / STEPS_DIR).glob("*.json"):
+        if rec.stem not in names and (
+            rec.stem.startswith(("gguf-", "validate-gguf-")) or rec.stem in ("gptq", "validate-gptq")
+        ):
+            rec.unlink()
+            if rec.stem == "gptq":
+                shutil.rmtree(plan.dist / f"{rf.name}-GPTQ", ignore_errors=True)
+
+
+def build(
+    release_file: Path,
+    dist_root: Path = Path("dist"),
+    *,
+    only: set[str] | None = None,
+    jobs: int = 1,
+    device: str = "auto",
+    key: Path | None = None,
+    on_event: Callable[[str, Step, StepResult | None], None] = lambda *_: None,
+) -> BuildResult:
+    started = time.monotonic()
+    rf = load_release_file(release_file)  # bad keys and license violations fail here, before heavy work
+    if only is not None and (bad := only - set(FAMILIES)):
+        raise BadInputError(f"--only takes {', '.join(FAMILIES)}; not {', '.join(sorted(bad))}")
+    plan = plan_build(rf, dist_root, only=only, device=device, key=key)
+    plan.dist.mkdir(parents=True, exist_ok=True)
+    copy = plan.dist / "release.yaml"
+    if not copy.is_file() or copy.read_bytes() != rf.path.read_bytes():
+        with atomic_file(copy, force=True) as tmp:
+            tmp.write_bytes(rf.path.read_bytes())
+    _tidy(plan, rf)
+    records = Records(plan.dist)
+    results: dict[str, StepResult] = {}
+    pending = list(plan.steps)
+    running: dict[str, tuple[subprocess.Popen, Step, str, float]] = {}
+    budget = _mem_available()
+    while pending or running:
+        progressed = False
+        for step in list(pending):
+            if any(
+                d in [p.name for p in pending] or d in running for d in step.deps if d in {s.name for s in plan.steps}
+            ):
+                continue
+            if any(results.get(d) and results[d].status in ("failed", "blocked") for d in step.deps):
+                pending.remove(step)
+                results[step.name] = StepResult(step.name, "blocked", message="an earlier step failed")
+                on_event("blocked", step, results[step.name])
+                progressed = True
+                continue
+            failed_validation = [d for d in step.deps if d.startswith("validate-") and results.get(d)
+                                 and results[d].exit_code == 1]  # fmt: skip
+            if failed_validation:
+                pending.remove(step)
+                results[step.name] = StepResult(step.name, "blocked", message=f"{failed_validation[0]} failed")
+                on_event("blocked", step, results[step.name])
+                progressed = True
+                continue
+            inputs = _digest({"argv": step.argv[3:], "settings": step.settings,
+                              "deps": {d: records.fingerprint(d) for d in step.deps}})  # fmt: skip
+            rec = records.valid(step.name, inputs)
+            if rec is not None:
+                pending.remove(step)
+                code = int(rec["output"].get("exit_code", 0)) if isinstance(rec["output"], dict) else 0
+                results[step.name] = StepResult(step.name, "skipped", 0.0, code, rec["output"])
+                on_event("skipped", step, results[step.name])
+                progressed = True
+                continue
+            in_use = sum(s.memory for _, s, _, _ in running.values())
+            if len(running) >= max(1, jobs) or (running and in_use + step.memory > budget):
+                continue
+            on_event("start", step, None)
+            proc = subprocess.Popen([*step.argv, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            running[step.name] = (proc, step, inputs, time.monotonic())
+            pending.remove(step)
+            progressed = True
+        for name, (proc, step, inputs, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            out, err = proc.communicate()
+            del running[name]
+            progressed = True
+            seconds = time.monotonic() - t0
+            try:
+                data = json.loads(out) if out.strip() else {}
+            except json.JSONDecodeError:
+                data = {"raw": out[-2000:]}
+            if proc.returncode in step.ok_codes:
+                data = {**(data if isinstance(data, dict) else {}), "exit_code": proc.returncode}
+                records.save(name, inputs, _fingerprint(step.outputs()), data, seconds)
+                results[name] = StepResult(name, "done", seconds, proc.returncode, data)
+            else:
+                message = (data.get("message") if isinstance(data, dict) else None) or (
+                    err.strip().splitlines() or ["?"]
+                )[-1]
+                results[name] = StepResult(name, "failed", seconds, proc.returncode, data, message)
+            on_event("finish", step, results[name])
+        if not progressed:
+            time.sleep(0.05)
+    ordered = [results[s.name] for s in plan.steps]
+    variants = _variant_rows(plan, results)
+    failed = [r for r in ordered if r.status == "failed"]
+    bad_validation = [v for v in variants if v.get("passed") is False]
+    code = max(2 if r.exit_code == 2 else 1 for r in failed) if failed else int(bool(bad_validation))
+    return BuildResult(str(plan.dist), code == 0, code, ordered, variants, round(time.monotonic() - started, 2))
+
+
+def _variant_rows(plan: Plan, results: dict[str, StepResult]) -> list[dict[str, Any]]:
+    rows = []
+    for v in plan.variants:
+        path = Path(v["path"])
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".gguf")) \
+            if path.is_dir() else (path.stat().st_size if path.exists() else 0)  # fmt: skip
+        r = results.get(v["validate"])
+        row: dict[str, Any] = {"variant": v["name"], "family": v["family"], "path": str(path), "bytes": size}
+        variants = (r.output.get("variants") or []) if r else []
+        if variants:
+            m = variants[0]
+            row |= {"kind": m.get("kind"), "kl_mean": m["metrics"].get("kl_mean"),
+                    "top1_agreement": m["metrics"].get("top1_agreement"), "passed": m.get("passed")}  # fmt: skip
+        rows.append(row)
+    return rows

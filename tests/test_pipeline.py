@@ -1,0 +1,165 @@
+"""`model-release build`: the SmolLM2 release end to end (safetensors, GGUF, GPTQ, validation,
+cards, manifest, signature), a rerun that does nothing, a build killed during a GGUF step that
+resumes to the same outputs, one changed GGUF type rebuilding only what depends on it, and bad
+release files refused before any heavy work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from release.pipeline import STEPS_DIR
+from release.signing import keygen
+from tests.conftest import ROOT
+
+NAME = "SmolLM2-135M-Instruct-demo"
+
+
+def _release_file(path: Path, **variants: object) -> Path:
+    data = yaml.safe_load((ROOT / "examples" / "smollm2-release.yaml").read_text())
+    data["source"] = {"fixture": "smollm2"}
+    data["variants"] = {"safetensors": {"dtype": "keep"}, **variants}
+    data.pop("signing")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _records(dist: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (dist / STEPS_DIR).glob("*.json")}
+
+
+def _build(cli, release: Path, out: Path, *extra: object):
+    r = cli("build", release, "-o", out, "--json", *extra)
+    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
+
+
+@pytest.fixture(scope="module")
+def full(smollm2, tmp_path_factory):
+    """The SmolLM2 release with every variant family, built once with two parallel jobs."""
+    base = tmp_path_factory.mktemp("pipeline")
+    rf = _release_file(base / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"]},
+                       gptq={"bits": 4, "samples": 8, "seq_len": 128})  # fmt: skip
+    priv, pub = keygen(base / "keys")
+    from typer.testing import CliRunner
+
+    from release.cli import app
+
+    started = time.monotonic()
+    r = CliRunner().invoke(
+        app, ["build", str(rf), "-o", str(base / "dist"), "--key", str(priv), "--jobs", "2", "--json"]
+    )
+    seconds = time.monotonic() - started
+    assert r.exit_code == 0, r.stdout + r.stderr
+    return {"rf": rf, "base": base, "out": json.loads(r.stdout), "pub": pub, "priv": priv, "seconds": seconds}
+
+
+@pytest.mark.real_model
+def test_builds_the_whole_release(full, cli):
+    out = full["out"]
+    dist = Path(out["release_dir"])
+    assert dist == full["base"] / "dist" / f"{NAME}-1.0"
+    assert {s["status"] for s in out["steps"]} == {"done"}
+    names = [s["name"] for s in out["steps"]]
+    assert names[:2] == ["convert", "reference"] and names[-3:] == ["card", "manifest", "sign"]
+    assert {"gguf-Q8_0", "gguf-Q4_K_M", "gptq", "validate-gptq", "validate-gguf-Q4_K_M"} <= set(names)
+    rows = {(v["family"], v["variant"]): v for v in out["variants"]}
+    assert set(rows) == {("safetensors", "keep"), ("gguf", "Q8_0"), ("gguf", "Q4_K_M"), ("gptq", "gptq-4bit")}
+    assert all(v["passed"] and v["bytes"] > 0 and v["kl_mean"] is not None for v in rows.values())
+    assert rows[("safetensors", "keep")]["kl_mean"] < 1e-9
+    folders = {p.name for p in dist.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert folders == {NAME, f"{NAME}-GGUF", f"{NAME}-GPTQ"}
+    for f in folders:
+        manifest = json.loads((dist / f / "release-manifest.json").read_text())
+        assert all(v and v["passed"] for v in manifest["variants"].values())
+        assert (dist / f / "README.md").is_file() and (dist / f / "release.sig").is_file()
+    r = cli("verify", dist, "--public-key", full["pub"])
+    assert r.exit_code == 0, r.stdout + r.stderr
+    print(f"full build: {full['seconds']:.0f} s")
+
+
+@pytest.mark.real_model
+def test_rerun_after_success_does_nothing(full, cli):
+    dist = Path(full["out"]["release_dir"])
+    before = _records(dist)
+    r, out = _build(cli, full["rf"], full["base"] / "dist", "--key", full["priv"])
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert {s["status"] for s in out["steps"]} == {"skipped"}
+    assert _records(dist) == before  # no step record rewritten
+    assert out["seconds"] < 30
+
+
+@pytest.mark.real_model
+def test_killed_during_gguf_resumes_to_the_same_outputs(full, cli, tmp_path):
+    rf = _release_file(tmp_path / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"]})
+    out = tmp_path / "dist"
+    dist = out / f"{NAME}-1.0"
+    cmd = [sys.executable, "-m", "release.cli", "build", str(rf), "-o", str(out), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    gguf_dir = dist / f"{NAME}-GGUF"
+    deadline = time.monotonic() + 240
+    # Wait until a GGUF step is writing (its temporary folder exists), then kill the whole build.
+    while not (gguf_dir.is_dir() and any(p.name.startswith(".model-release-") for p in gguf_dir.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "build ended before the GGUF step"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = set(_records(dist))
+    assert "convert" in done_before and not any(s.startswith("gguf-") for s in done_before)
+    assert not list(gguf_dir.glob("*.gguf"))  # nothing finished-looking was left
+
+    r, res = _build(cli, rf, out)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    status = {s["name"]: s["status"] for s in res["steps"]}
+    assert all(status[s] == "skipped" for s in done_before)  # finished steps are not redone
+    assert status["gguf-Q8_0"] == status["gguf-Q4_K_M"] == "done"
+    assert not any(p.name.startswith(".") and p.is_dir() for p in gguf_dir.iterdir())
+    # Same bytes as the uninterrupted build: weights, configs, tokenizer.
+    full_dist = Path(full["out"]["release_dir"])
+    for rel in (f"{NAME}-GGUF/{NAME}-Q8_0.gguf", f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}/model.safetensors",
+                f"{NAME}/config.json", f"{NAME}/tokenizer.json", ".work/reference.safetensors"):  # fmt: skip
+        assert (dist / rel).read_bytes() == (full_dist / rel).read_bytes(), rel
+
+    # One GGUF type changed: only that file and what depends on it are rebuilt; the dropped one goes.
+    rf.write_text(rf.read_text().replace("- Q4_K_M", "- Q6_K"))
+    r, res = _build(cli, rf, out)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    ran = {s["name"] for s in res["steps"] if s["status"] == "done"}
+    assert ran == {"gguf-Q6_K", "validate-gguf-Q6_K", "card", "manifest"}
+    assert not list(gguf_dir.glob("*Q4_K_M*")) and (gguf_dir / f"{NAME}-Q6_K.gguf").is_file()
+    manifest = json.loads((gguf_dir / "release-manifest.json").read_text())
+    assert set(manifest["variants"]) == {"Q8_0", "Q6_K"}
+
+
+def _refused(cli, path: Path, code: int, *needles: str) -> None:
+    r = cli("build", path, "-o", path.parent / "dist")
+    assert r.exit_code == code, r.stdout + r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+    assert not (path.parent / "dist").exists()
+
+
+def test_bad_key_is_refused_with_its_line(cli, tmp_path):
+    text = (ROOT / "examples" / "smollm2-release.yaml").read_text()
+    bad = tmp_path / "release.yaml"
+    bad.write_text(text.replace("    types: [Q8_0, Q4_K_M]", "    types: [Q8_0, Q4_K_M]\n    typo: 1"))
+    line = next(i for i, s in enumerate(bad.read_text().splitlines(), 1) if "typo:" in s)
+    _refused(cli, bad, 2, f"release.yaml:{line}:", "variants.gguf.typo")
+    bad.write_text(text.replace("[Q8_0, Q4_K_M]", "[Q8_0, Q4_K_X]"))
+    line = next(i for i, s in enumerate(bad.read_text().splitlines(), 1) if "Q4_K_X" in s)
+    _refused(cli, bad, 2, f"release.yaml:{line}:", "'Q4_K_X' is not one of")
+
+
+def test_license_violation_is_refused_before_heavy_work(cli, tmp_path):
+    data = yaml.safe_load((ROOT / "examples" / "meditron-release.yaml").read_text())
+    data["release"]["license"] = "apache-2.0"  # a Llama 2 derivative cannot be relicensed
+    path = tmp_path / "release.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    _refused(cli, path, 1, "license check failed", "llama2")
