@@ -249,9 +249,7 @@ def _source_bytes(src: Path) -> int:
 class Plan:
     dist: Path
     steps: list[Step]
-    variants: list[dict[str, Any]]  # name, family, path, validate step
-    source: Path
-    key: Path | None
+    variants: list[dict[str, Any]]  # name, family, path, producing step, validate step
 
 
 def plan_build(
@@ -346,7 +344,7 @@ def plan_build(
             steps.append(Step("sign", "release", [*cli, "sign", str(dist), "--key", str(key)],
                               {"key": _digest(key.read_bytes())}, ["manifest"],
                               lambda: [f / "release.sig" for f in folders], small))  # fmt: skip
-    return Plan(dist, steps, variants, src, key if only is None else None)
+    return Plan(dist, steps, variants)
 
 
 def _kind(v: dict[str, Any], st: dict[str, Any]) -> str:
@@ -391,7 +389,10 @@ def _tidy(plan: Plan, rf: ReleaseFile) -> None:
             or p.name.startswith((".model-release-", ".gptq-offload-"))
             or p.name.endswith(".restamp")
         ):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
     names = {s.name for s in plan.steps}
     gguf_dir = plan.dist / f"{rf.name}-GGUF"
     keep = {Path(v["path"]).stem for v in plan.variants if v["family"] == "gguf"}

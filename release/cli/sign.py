@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from release.cli._output import JSON_HELP, QUIET_HELP, print_json, run, stdout
+from release.errors import BadInputError
 
 
 def manifest_command(
@@ -90,8 +91,6 @@ def verify_command(
     def body(rep: object) -> list[str]:
         folders = [path] if (path / MANIFEST).is_file() else [p for p in sorted(path.iterdir()) if folder_kind(p)]
         if not folders:
-            from release.errors import BadInputError
-
             raise BadInputError(f"{path}: no release folders with a {MANIFEST}")
         for f in folders:
             check_files(f, load_manifest(f / MANIFEST))

@@ -160,14 +160,14 @@ def plan_repo(api: Any, folder: Path, repo_id: str, revision: str) -> RepoPlan:
     remote = _remote_files(api, repo_id, revision)
     plan = RepoPlan(repo_id, str(folder), folder_kind(folder) or "?", remote is not None)
     remote = remote or {}
-    for rel in _local_files(folder):
+    local = _local_files(folder)
+    for rel in local:
         if rel not in remote:
             plan.new.append(rel)
         elif _same(folder / rel, remote[rel]):
             plan.unchanged.append(rel)
         else:
             plan.changed.append(rel)
-    local = set(_local_files(folder))
     plan.deleted = sorted(p for p in remote if p not in local and p not in NOT_LISTED)
     plan.upload_bytes = sum((folder / p).stat().st_size for p in plan.new + plan.changed)
     return plan
