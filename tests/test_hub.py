@@ -248,3 +248,16 @@ def test_embedded_local_target_needs_no_account(cli, release, tmp_path, monkeypa
     assert r.exit_code == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["signature_checked"]
     assert (tmp_path / "g" / "model.safetensors").is_file() and (tmp_path / "g" / "quantize_config.json").is_file()
+
+
+def test_a_xet_client_is_told_what_to_set(hub):
+    """The local Hub speaks LFS; a client with Xet on gets a one-line reason, not a bare 404."""
+    import urllib.error
+    import urllib.request
+
+    HfApi(endpoint=hub.url, token=TOKEN).create_repo("example/xet")
+    req = urllib.request.Request(f"{hub.url}/api/models/example/xet/xet-write-token/main")
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req)
+    assert err.value.code == 501 and "HF_HUB_DISABLE_XET=1" in err.value.headers["X-Error-Message"]

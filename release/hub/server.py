@@ -308,6 +308,8 @@ class Handler(BaseHTTPRequestHandler):
         if rest.startswith(("tag/", "branch/")) and c in ("POST", "DELETE"):
             self._require_auth()
             return self._ref(rtype, repo_id, rest)
+        if rest.startswith(("xet-write-token", "xet-read-token")):  # a client with Xet switched on
+            raise HubError(501, "this local Hub speaks git-LFS, not Xet: set HF_HUB_DISABLE_XET=1 in the client")
         if rest == "settings" and c == "PUT":
             self._require_auth()
             body = json.loads(self._body() or b"{}")
