@@ -58,6 +58,21 @@ def folder_kind(folder: Path) -> str | None:
     return None
 
 
+def release_folders(
+    release_dir: Path, metadata_file: Path | None = None
+) -> tuple[ReleaseMetadata, list[tuple[Path, str]]]:
+    """The release metadata of RELEASE_DIR and its release folders with their kinds (what `card`,
+    `manifest`, `sign` and `publish` walk)."""
+    release_dir = Path(release_dir)
+    if not release_dir.is_dir():
+        raise BadInputError(f"{release_dir}: no such release folder")
+    meta = ReleaseMetadata.from_file(metadata_file or find_release_file(release_dir))
+    folders = [(p, k) for p in sorted(release_dir.iterdir()) if p.is_dir() and (k := folder_kind(p))]
+    if not folders:
+        raise BadInputError(f"{release_dir}: no release folders (a safetensors model, GGUF files or a GPTQ folder)")
+    return meta, folders
+
+
 def repo_id(url: str | None, fallback: str) -> str:
     if url and "huggingface.co/" in url:
         return url.rstrip("/").split("huggingface.co/", 1)[1]
@@ -191,14 +206,9 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
     from huggingface_hub import ModelCard
 
     release_dir = Path(release_dir)
-    if not release_dir.is_dir():
-        raise BadInputError(f"{release_dir}: no such release folder")
-    meta = ReleaseMetadata.from_file(metadata_file or find_release_file(release_dir))
+    meta, folders = release_folders(release_dir, metadata_file)
     decision = decide(meta)
     decision.raise_for_violations()
-    folders = [(p, k) for p in sorted(release_dir.iterdir()) if p.is_dir() and (k := folder_kind(p))]
-    if not folders:
-        raise BadInputError(f"{release_dir}: no release folders (a safetensors model, GGUF files or a GPTQ folder)")
     main = next((p for p, k in folders if k == "model"), None)
     name = meta.name or (main.name if main else release_dir.name)
     main_repo = repo_id(meta.repo_url, name)

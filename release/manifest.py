@@ -18,7 +18,7 @@ import jsonschema
 from release import TOOL_NAME, __version__
 from release.architectures import data_file
 from release.atomic import atomic_file
-from release.cards import find_release_file, folder_kind, repo_id
+from release.cards import folder_kind, release_folders, repo_id
 from release.errors import BadInputError, CheckFailedError
 from release.hashing import origin_hash, sha256_file
 from release.licensing import decide
@@ -182,15 +182,9 @@ def _gguf_provenance(folder: Path) -> dict[str, str]:
 
 def write_manifests(release_dir: Path, *, reference: Path | None = None, reporter: Reporter = NULL) -> list[dict]:
     """One manifest per release folder of RELEASE_DIR (what `card` also walks)."""
-    release_dir = Path(release_dir)
-    if not release_dir.is_dir():
-        raise BadInputError(f"{release_dir}: no such release folder")
-    meta = ReleaseMetadata.from_file(find_release_file(release_dir))
+    meta, folders = release_folders(release_dir)
     decide(meta).raise_for_violations()
-    folders = [p for p in sorted(release_dir.iterdir()) if p.is_dir() and folder_kind(p)]
-    if not folders:
-        raise BadInputError(f"{release_dir}: no release folders (a safetensors model, GGUF files or a GPTQ folder)")
-    return [write_manifest(f, meta, reference=reference, reporter=reporter) for f in folders]
+    return [write_manifest(f, meta, reference=reference, reporter=reporter) for f, _ in folders]
 
 
 def check_files(folder: Path, manifest: dict[str, Any], only: set[str] | None = None) -> None:

@@ -62,7 +62,7 @@ def sign_command(
 ) -> None:
     """Sign every release folder with OpenSSF model signing: `release.sig` inside each folder
     covers every file (the manifest included). Run it last, after `manifest`."""
-    from release.hub.client import release_folders
+    from release.cards import release_folders
     from release.signing import sign_folder
 
     def body(rep: object) -> list[str]:

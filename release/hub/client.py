@@ -21,11 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from release.cards import find_release_file, folder_kind
+from release.cards import folder_kind, release_folders
 from release.errors import BadInputError, CheckFailedError, ReleaseError
 from release.hashing import sha256_file
 from release.manifest import MANIFEST, NOT_LISTED, SIGNATURE, check_files, listed_files, load_manifest
-from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -171,17 +170,6 @@ def plan_repo(api: Any, folder: Path, repo_id: str, revision: str) -> RepoPlan:
     plan.deleted = sorted(p for p in remote if p not in local and p not in NOT_LISTED)
     plan.upload_bytes = sum((folder / p).stat().st_size for p in plan.new + plan.changed)
     return plan
-
-
-def release_folders(release_dir: Path) -> tuple[ReleaseMetadata, list[tuple[Path, str]]]:
-    release_dir = Path(release_dir)
-    if not release_dir.is_dir():
-        raise BadInputError(f"{release_dir}: no such release folder")
-    meta = ReleaseMetadata.from_file(find_release_file(release_dir))
-    folders = [(p, k) for p in sorted(release_dir.iterdir()) if p.is_dir() and (k := folder_kind(p))]
-    if not folders:
-        raise BadInputError(f"{release_dir}: no release folders (a safetensors model, GGUF files or a GPTQ folder)")
-    return meta, folders
 
 
 def publish(
