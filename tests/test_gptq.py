@@ -75,6 +75,24 @@ def test_loads_in_transformers_on_cpu_and_generates(made, smollm2):
 
 
 @pytest.mark.real_model
+def test_loads_in_gptqmodel_itself(made, smollm2):
+    """GPTQModel (what AutoGPTQ users moved to) loads the released folder as it is and generates."""
+    from transformers import AutoTokenizer
+
+    from release.capture import capture_fd
+    from release.formats.gptq import import_gptqmodel
+
+    gptqmodel = import_gptqmodel()
+    tok = AutoTokenizer.from_pretrained(made["gptq"].output)
+    with capture_fd(1):
+        model = gptqmodel.GPTQModel.load(made["gptq"].output, device="cpu")
+        ids = tok("The capital of France is", return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert model.quantize_config.bits == 4 and model.quantize_config.group_size == 64
+    assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1] :])
+
+
+@pytest.mark.real_model
 def test_gptq_beats_round_to_nearest_and_passes_validation(made, cli):
     r = cli("validate", made["gptq"].output, "-r", made["ref"].path, "--json")
     assert r.exit_code == 0, r.stdout + r.stderr
