@@ -137,6 +137,18 @@ def test_killed_during_gguf_resumes_to_the_same_outputs(full, cli, tmp_path):
     manifest = json.loads((gguf_dir / "release-manifest.json").read_text())
     assert set(manifest["variants"]) == {"Q8_0", "Q6_K"}
 
+    # A variant off its (here deliberately strict) threshold fails the release: exit 1, no new
+    # cards or manifests, and the table names it.
+    data = yaml.safe_load(rf.read_text())
+    data["evaluation"] = {"thresholds": {"gguf-Q6_K": {"max_kl_mean": 1e-6}}}
+    rf.write_text(yaml.safe_dump(data, sort_keys=False))
+    r, res = _build(cli, rf, out)
+    assert r.exit_code == 1 and not res["ok"]
+    status = {s["name"]: s["status"] for s in res["steps"]}
+    assert status["validate-gguf-Q6_K"] == "done" and status["card"] == status["manifest"] == "blocked"
+    failed = [v for v in res["variants"] if v["passed"] is False]
+    assert [v["variant"] for v in failed] == ["Q6_K"]
+
 
 def _refused(cli, path: Path, code: int, *needles: str) -> None:
     r = cli("build", path, "-o", path.parent / "dist")
