@@ -175,3 +175,17 @@ def test_license_violation_is_refused_before_heavy_work(cli, tmp_path):
     path = tmp_path / "release.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     _refused(cli, path, 1, "license check failed", "llama2")
+
+
+@pytest.mark.real_model
+def test_only_one_family_plans_no_release_steps(smollm2, cli, tmp_path):
+    """`--only gguf` (a CI family job): convert, reference, the GGUF types and their validation only."""
+    from release.pipeline import load_release_file, plan_build
+
+    rf = load_release_file(_release_file(tmp_path / "release.yaml", gguf={"types": ["Q8_0"]}, gptq={"bits": 4}))
+    names = [s.name for s in plan_build(rf, tmp_path / "dist", only={"gguf"}).steps]
+    assert names == ["convert", "reference", "gguf-Q8_0", "validate-gguf-Q8_0"]
+    full = [s.name for s in plan_build(rf, tmp_path / "dist").steps]
+    assert {"gptq", "validate-gptq", "validate-safetensors", "card", "manifest"} <= set(full)
+    r = cli("build", tmp_path / "release.yaml", "-o", tmp_path / "dist", "--only", "gguf,onnx")
+    assert r.exit_code == 2 and "onnx" in r.stderr and not (tmp_path / "dist").exists()
