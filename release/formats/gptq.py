@@ -35,13 +35,13 @@ import torch
 from release import __version__, hashing
 from release.atomic import atomic_dir, check_target
 from release.capture import capture_fd, tail
-from release.checkpoint import Checkpoint, iter_with_digests, open_checkpoint, plan_tensors
+from release.checkpoint import Checkpoint, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, ReleaseError, os_error_to_release_error
 from release.formats.safetensors import restamp
 from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
-from release.tensors import has_nonfinite
+from release.tensors import has_nonfinite, tensor_bytes
 
 BITS = (2, 3, 4, 8)
 # Group sizes tried by --group-size auto, largest first (128 is the common default on the Hub).
@@ -261,11 +261,11 @@ def _source_hash(ckpt: Checkpoint, refs: list[Any], reporter: Reporter) -> str:
     """The same checkpoint hash ``convert`` records, plus the NaN/Inf check GPTQ would hide."""
     reporter.start("hashing and checking the source", sum(r.nbytes for r in refs))
     digests: dict[str, tuple[str, tuple[int, ...], str]] = {}
-    for ref, digest in iter_with_digests(ckpt, refs):
-        with ckpt.open(ref) as t:
+    for ref in refs:
+        with ckpt.open(ref) as t:  # one mapping per tensor for both the check and the digest
             if t.is_floating_point() and has_nonfinite(t):
                 raise BadInputError(f"tensor {ref.name} holds NaN/Inf values; GPTQ would spread them")
-        digests[ref.name] = (ref.dtype, ref.shape, digest)
+            digests[ref.name] = (ref.dtype, ref.shape, hashing.tensor_digest(tensor_bytes(t)))
         reporter.advance(ref.nbytes)
     reporter.done()
     return hashing.checkpoint_hash(digests)

@@ -145,17 +145,19 @@ def _remote_files(api: Any, repo_id: str, revision: str) -> dict[str, Any] | Non
         return {}
 
 
-def _same(local: Path, remote: Any) -> bool:
+def _same(local: Path, remote: Any, sha256: str | None = None) -> bool:
+    """``sha256``: the local file's digest when already known (the manifest's, just checked)."""
     if remote.size != local.stat().st_size:
         return False
     if remote.lfs is not None:
-        return remote.lfs.sha256 == sha256_file(local)
+        return remote.lfs.sha256 == (sha256 or sha256_file(local))
     from huggingface_hub.utils.sha import git_hash
 
     return remote.blob_id == git_hash(local.read_bytes())
 
 
-def plan_repo(api: Any, folder: Path, repo_id: str, revision: str) -> RepoPlan:
+def plan_repo(api: Any, folder: Path, repo_id: str, revision: str, known: dict[str, str] | None = None) -> RepoPlan:
+    """What to send: ``known`` maps paths to sha256 digests already checked (the manifest's)."""
     remote = _remote_files(api, repo_id, revision)
     plan = RepoPlan(repo_id, str(folder), folder_kind(folder) or "?", remote is not None)
     remote = remote or {}
@@ -163,7 +165,7 @@ def plan_repo(api: Any, folder: Path, repo_id: str, revision: str) -> RepoPlan:
     for rel in local:
         if rel not in remote:
             plan.new.append(rel)
-        elif _same(folder / rel, remote[rel]):
+        elif _same(folder / rel, remote[rel], (known or {}).get(rel)):
             plan.unchanged.append(rel)
         else:
             plan.changed.append(rel)
@@ -192,7 +194,7 @@ def publish(
 
     started = time.monotonic()
     meta, folders = release_folders(release_dir)
-    targets: list[tuple[Path, str]] = []
+    targets: list[tuple[Path, str, dict[str, str]]] = []
     for folder, kind in folders:
         if not (folder / MANIFEST).is_file():
             raise BadInputError(f"{folder}: no {MANIFEST}; run `model-release manifest` (and `sign`) first")
@@ -204,16 +206,17 @@ def publish(
         if require_signature and not (folder / SIGNATURE).is_file():
             raise BadInputError(f"{folder}: not signed", hint="run `model-release sign`, or pass --allow-unsigned")
         base = repo or manifest["repo_id"].removesuffix(SUFFIXES[kind])
-        targets.append((folder, (repos or {}).get(kind) or f"{base}{SUFFIXES[kind]}"))
+        digests = {f["path"]: f["sha256"] for f in manifest["files"]}  # verified by check_files above
+        targets.append((folder, (repos or {}).get(kind) or f"{base}{SUFFIXES[kind]}", digests))
     gate = bool(meta.gated_prompt) if gated is None else gated
     version_tag = tag
     token = resolve_token(token)
     plans = []
     with hub_endpoint(endpoint) as (url, _local):
         api = HfApi(endpoint=url, token=token)
-        for folder, repo_id in targets:
+        for folder, repo_id, digests in targets:
             with hub_errors(f"reading {repo_id}", token):
-                plan = plan_repo(api, folder, repo_id, revision)
+                plan = plan_repo(api, folder, repo_id, revision, digests)
             plan.gated, plan.tag = gate, version_tag
             plans.append(plan)
             if dry_run:
