@@ -88,6 +88,16 @@ def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) 
         reporter.done()
 
 
+def run_or_json(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) -> T | None:
+    """``run``; with ``--json`` also print the result's ``to_dict()`` and return None, so a command
+    goes on to print its text only when there is a result left to print."""
+    result = run(action, as_json=as_json, quiet=quiet)
+    if as_json:
+        print_json(result.to_dict())  # type: ignore[attr-defined]
+        return None
+    return result
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, print_json, run, stdout
+from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, run_or_json, stdout
 from release.dtypes import CAST_CHOICES
 from release.formats.safetensors import ConvertResult, convert
 from release.metadata import ReleaseMetadata
@@ -41,7 +41,7 @@ def convert_command(
     after the cast otherwise). Exit codes: 0 done, 1 the written output failed its check,
     2 bad input (unreadable, unsafe or inconsistent checkpoint, disk full).
     """
-    result: ConvertResult = run(
+    result: ConvertResult | None = run_or_json(
         lambda rep: convert(
             src,
             out,
@@ -55,8 +55,7 @@ def convert_command(
         as_json=as_json,
         quiet=quiet,
     )
-    if as_json:
-        print_json(result.to_dict())
+    if result is None:
         return
     table = Table(title=f"{result.output}", show_header=True, header_style="bold")
     table.add_column("shard")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, print_json, run, stdout
+from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, run_or_json, stdout
 from release.formats.gguf import GGUFResult, gguf_types, write_gguf
 from release.metadata import BaseModel, ReleaseMetadata
 
@@ -71,7 +71,7 @@ def gguf_command(
     carries the tokenizer, chat template, hyper-parameters, license and lineage metadata, and the
     source checkpoint hash. Exit codes: 0 done, 1 a written file failed its check, 2 bad input.
     """
-    result: GGUFResult = run(
+    result: GGUFResult | None = run_or_json(
         lambda rep: write_gguf(
             src,
             out,
@@ -87,8 +87,7 @@ def gguf_command(
         as_json=as_json,
         quiet=quiet,
     )
-    if as_json:
-        print_json(result.to_dict())
+    if result is None:
         return
     table = Table(title=result.output_dir, header_style="bold")
     for col in ("type", "file", "size", "tensor types"):

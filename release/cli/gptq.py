@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, print_json, run, stdout
+from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, run_or_json, stdout
 from release.formats.gptq import BITS, GPTQResult, GPTQSettings, quantize
 from release.metadata import ReleaseMetadata
 
@@ -76,7 +76,7 @@ def gptq_command(
         device=device,
         method=method,
     )
-    result: GPTQResult = run(
+    result: GPTQResult | None = run_or_json(
         lambda rep: quantize(
             src,
             out,
@@ -89,8 +89,7 @@ def gptq_command(
         as_json=as_json,
         quiet=quiet,
     )
-    if as_json:
-        print_json(result.to_dict())
+    if result is None:
         return
     for w in result.warnings:
         stdout.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, print_json, run, stderr, stdout
+from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, run, run_or_json, stderr, stdout
 
 ENDPOINT_HELP = (
     "Hub URL (default: $HF_ENDPOINT, else https://huggingface.co), or local:DIR for the embedded "
@@ -60,7 +60,7 @@ def publish_command(
         private = private or bool(settings.get("private"))
         gated = gated if gated is not None else settings.get("gated")
     repos = {k: v for k, v in {"gguf": gguf_repo, "gptq": gptq_repo}.items() if v}
-    result = run(
+    result = run_or_json(
         lambda rep: publish(
             release_dir,
             repo=repo,
@@ -77,8 +77,7 @@ def publish_command(
         as_json=as_json,
         quiet=quiet,
     )
-    if as_json:
-        print_json(result.to_dict())
+    if result is None:
         return
     stdout.print(f"{'plan (dry run, nothing sent)' if dry_run else 'published'} -> {result.endpoint}", highlight=False)
     for p in result.repos:
@@ -114,7 +113,7 @@ def fetch_command(
     from release.hub.client import fetch
 
     target = out or Path(f"{repo_id.split('/')[-1]}-{variant}")
-    result = run(
+    result = run_or_json(
         lambda rep: fetch(
             repo_id,
             variant,
@@ -129,8 +128,7 @@ def fetch_command(
         as_json=as_json,
         quiet=quiet,
     )
-    if as_json:
-        print_json(result.to_dict())
+    if result is None:
         return
     for w in result.warnings:
         stderr.print(f"[yellow]warning:[/] {w}", highlight=False)

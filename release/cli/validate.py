@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from release.cli._output import JSON_HELP, QUIET_HELP, print_json, run, stdout
+from release.cli._output import JSON_HELP, QUIET_HELP, print_json, run, run_or_json, stdout
 from release.validation.reference import TOP_K, ReferenceResult, build_reference
 from release.validation.validate import ValidationResult, validate
 
@@ -30,15 +30,14 @@ def reference_command(
 
     Exit codes: 0 written, 2 bad input.
     """
-    result: ReferenceResult = run(
+    result: ReferenceResult | None = run_or_json(
         lambda rep: build_reference(
             src, out, prompts_file=prompts, max_tokens=max_tokens, top_k=top_k, device=device, force=force, reporter=rep
         ),
         as_json=as_json,
         quiet=quiet,
     )
-    if as_json:
-        print_json(result.to_dict())
+    if result is None:
         return
     stdout.print(
         f"{result.output}: {result.prompt_count} prompts, {result.predicted_tokens} predicted tokens, "
