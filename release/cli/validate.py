@@ -22,6 +22,12 @@ def reference_command(
     max_tokens: int = typer.Option(512, "--max-tokens", min=2, help="Tokens per prompt at most."),
     top_k: int = typer.Option(TOP_K, "--top-k", min=1, help="Reference log-probs kept per token (plus the rest mass)."),
     device: str = typer.Option("cpu", "--device", help="torch device for the source model, e.g. cpu, cuda."),
+    forward: str = typer.Option(
+        "auto",
+        "--forward",
+        help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~5 GB), "
+        "or auto: resident when it fits the device's free memory.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
@@ -32,7 +38,8 @@ def reference_command(
     """
     result: ReferenceResult | None = run_or_json(
         lambda rep: build_reference(
-            src, out, prompts_file=prompts, max_tokens=max_tokens, top_k=top_k, device=device, force=force, reporter=rep
+            src, out, prompts_file=prompts, max_tokens=max_tokens, top_k=top_k, device=device, forward=forward,
+            force=force, reporter=rep,
         ),
         as_json=as_json,
         quiet=quiet,
@@ -57,6 +64,12 @@ def validate_command(
     min_top1: float | None = typer.Option(None, "--min-top1", help="Override the top-1 agreement threshold."),
     prompts: Path | None = typer.Option(None, "--prompts", help="The evaluation set the reference was made with."),
     device: str = typer.Option("cpu", "--device", help="torch device for transformers variants."),
+    forward: str = typer.Option(
+        "auto",
+        "--forward",
+        help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~5 GB), "
+        "or auto: resident when it fits the device's free memory.",
+    ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
@@ -77,6 +90,7 @@ def validate_command(
             min_top1=min_top1,
             prompts_file=prompts,
             device=device,
+            forward=forward,
             reporter=rep,
         ),
         as_json=as_json,

@@ -34,10 +34,12 @@ from release.errors import BadInputError
 from release.formats.safetensors import save_small
 from release.inspect import describe
 from release.progress import NULL, Reporter
+from release.validation.forward import open_forward
 
 FORMAT = "model-release-reference"
 FORMAT_VERSION = "1"
 TOP_K = 256
+_ROWS = 128  # predicted positions per log-softmax chunk
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -98,6 +100,9 @@ class ReferenceResult:
     perplexity: float
     seconds: float
     seconds_per_1000_tokens: float
+    forward: str = "resident"
+    device: str = "cpu"
+    forward_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}
@@ -111,6 +116,7 @@ def build_reference(
     max_tokens: int = 512,
     top_k: int = TOP_K,
     device: str = "cpu",
+    forward: str = "auto",
     force: bool = False,
     reporter: Reporter = NULL,
 ) -> ReferenceResult:
@@ -123,36 +129,43 @@ def build_reference(
             raise BadInputError(f"{src}: no tokenizer; a reference needs the model's own tokenizer")
         source_format = ckpt.format
     source_hash = describe(src, with_hash=True, reporter=reporter)["checkpoint_hash"]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs would interleave
 
     tok = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(device).eval()
-    ids_all: list[torch.Tensor] = []
-    offsets = [0]
-    topk_ids, topk_lp, target_lp, rest = [], [], [], []
-    n_tokens = sum(min(len(tok.encode(p.text)), max_tokens) for p in prompts)
-    reporter.start(f"reference logits for {len(prompts)} prompts", n_tokens)
-    compute_start = time.monotonic()
+    encoded = []
     for p in prompts:
-        ids = tok.encode(p.text)[:max_tokens]
+        ids = list(tok.encode(p.text))[:max_tokens]
         if len(ids) < 2:
             raise BadInputError(f"prompt {p.id!r} has fewer than 2 tokens")
-        with torch.no_grad():
-            logits = model(torch.tensor([ids], device=device)).logits[0, :-1].float().cpu()
-        lp = torch.log_softmax(logits.double(), dim=-1)
-        values, indices = lp.topk(top_k, dim=-1)
-        topk_ids.append(indices.to(torch.int32))
-        topk_lp.append(values.float())
-        target_lp.append(lp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).float())
-        rest.append(1 - values.exp().sum(-1))
-        ids_all.append(torch.tensor(ids, dtype=torch.int32))
-        offsets.append(offsets[-1] + len(ids))
-        reporter.advance(len(ids))
-        del logits, lp
-    reporter.done()
+        encoded.append(ids)
+    offsets = [0]
+    topk_ids, topk_lp, target_lp, rest = [], [], [], []
+    with open_forward(src, device, forward, max(map(len, encoded)), reporter) as (model, choice):
+        vocab_size = model.vocab_size
+        if choice.mode == "resident":
+            reporter.start(f"reference logits for {len(prompts)} prompts", len(prompts), unit="prompts")
+        compute_start = time.monotonic()
+        for ids, logits in zip(encoded, model.logits(encoded), strict=True):
+            logits = logits[:-1]  # row t predicts token t+1; the last row predicts nothing stored
+            targets = torch.tensor(ids[1:])
+            # Row by row is what log_softmax does anyway; chunks bound the float64 copies (rows x vocab).
+            for a in range(0, len(targets), _ROWS):
+                lp = torch.log_softmax(logits[a : a + _ROWS].double(), dim=-1)
+                values, indices = lp.topk(top_k, dim=-1)
+                topk_ids.append(indices.to(torch.int32))
+                topk_lp.append(values.float())
+                target_lp.append(lp.gather(1, targets[a : a + _ROWS].unsqueeze(1)).squeeze(1).float())
+                rest.append(1 - values.exp().sum(-1))
+                del lp
+            offsets.append(offsets[-1] + len(ids))
+            if choice.mode == "resident":
+                reporter.advance(1)
+            del logits
+        reporter.done()
+    ids_all = [torch.tensor(ids, dtype=torch.int32) for ids in encoded]
     compute = time.monotonic() - compute_start
     tensors = {
         "input_ids": torch.cat(ids_all),
@@ -175,7 +188,7 @@ def build_reference(
         "prompts": prompts_name,
         "prompts_hash": prompts_hash,
         "prompt_ids": json.dumps([p.id for p in prompts]),
-        "vocab_size": str(int(model.config.vocab_size)),
+        "vocab_size": str(vocab_size),
         "top_k": str(top_k),
         "max_tokens": str(max_tokens),
         "perplexity": repr(ppl),
@@ -195,6 +208,9 @@ def build_reference(
         perplexity=round(ppl, 4),
         seconds=round(time.monotonic() - started, 2),
         seconds_per_1000_tokens=round(compute / (offsets[-1] / 1000), 3),
+        forward=choice.mode,
+        device=device,
+        forward_reason=choice.reason,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +48,30 @@ class Runtime:
         """[len(ids), vocab] float logits; row t predicts token t+1."""
         raise NotImplementedError
 
+    def logits_many(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
+        """Logits of each prompt in turn (a streamed runtime passes all prompts through each layer)."""
+        for ids in prompts:
+            yield self.logits(ids)
+
     def close(self) -> None:
         pass
 
 
 class TransformersRuntime(Runtime):
-    """Weights as stored, computed in float32 (so a lossless copy reproduces the reference exactly)."""
+    """Weights as stored, computed in float32 (so a lossless copy reproduces the reference exactly).
+
+    A safetensors variant runs resident or streamed one layer at a time, as the reference does
+    (``release.validation.forward``); a GPTQ variant runs resident through GPTQModel's kernels, after
+    a check that it fits the device."""
 
     name = "transformers"
     _quiet: Any = None
 
-    def __init__(self, path: Path, kind: str, device: str = "cpu") -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, path: Path, kind: str, device: str = "cpu", forward: str = "auto", tokens: int = 512) -> None:
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
+
+        from release.validation.forward import ResidentModel, StreamedModel, choose
 
         hf_logging.disable_progress_bar()
 
@@ -68,6 +80,7 @@ class TransformersRuntime(Runtime):
             from release.capture import capture_fd
             from release.formats.gptq import import_gptqmodel
 
+            check_gptq_fits(path, device, tokens)
             import_gptqmodel()
             quiet = capture_fd(1)
             self._quiet = capture_fd
@@ -75,11 +88,17 @@ class TransformersRuntime(Runtime):
             self.tok = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise BadInputError(f"{path}: no usable tokenizer ({exc})") from None
-        dtype = "auto" if kind == "gptq" else torch.float32
+        self.fwd: Any
         with quiet:
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            if kind == "gptq":
+                self.fwd = ResidentModel(path, device, quantized=True)
+                self.forward = "resident"
+            else:
+                choice = choose(path, device, forward, tokens)
+                self.forward = choice.mode
+                self.fwd = ResidentModel(path, device) if choice.mode == "resident" else StreamedModel(path, device)
         self.device = device
-        self.vocab_size = int(self.model.config.vocab_size)
+        self.vocab_size = self.fwd.vocab_size
         from release.tensors import folder_metadata
 
         meta = folder_metadata(path)
@@ -88,10 +107,44 @@ class TransformersRuntime(Runtime):
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok.encode(text))
 
-    def logits(self, ids: list[int]) -> torch.Tensor:
+    def logits_many(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
         quiet = self._quiet(1) if self._quiet else contextlib.nullcontext()
-        with torch.no_grad(), quiet:
-            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+        with quiet:
+            yield from self.fwd.logits(prompts)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        return next(iter(self.logits_many([ids])))
+
+    def close(self) -> None:
+        close = getattr(self.fwd, "close", None)
+        if close is not None:
+            close()
+
+
+def check_gptq_fits(path: Path, device: str, tokens: int) -> None:
+    """A GPTQ model runs whole on its device (its kernels need the packed layers resident). Refuse,
+    naming the sizes, what would otherwise end in the OOM killer."""
+    from release.resources import PY_BASE, Need, fits, fmt, gpu_free, mem_available
+
+    stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    vocab, hidden = int(config.get("vocab_size", 0)), int(config.get("hidden_size", 0))
+    inter = int(config.get("intermediate_size", 4 * hidden))
+    act = tokens * vocab * 20 + tokens * (4 * hidden + 3 * inter) * 4
+    # Measured on SmolLM2 (CPU): the loaded GPTQ model takes ~1.3x its files (scales, g_idx, workspace).
+    work = int(stored * 1.3) + act
+    on_gpu = device.startswith("cuda")
+    need = Need(ram=PY_BASE + (act if on_gpu else work), gpu=work if on_gpu else None)
+    gpu = gpu_free() if on_gpu else None
+    ram = mem_available()
+    if not fits(need, ram=ram, gpu=gpu):
+        where = f"{fmt(ram)} RAM available" + (f", {fmt(gpu)} GPU memory free" if on_gpu else "")
+        if on_gpu and gpu is None:
+            where = "no CUDA device"
+        raise BadInputError(
+            f"{path}: validating this GPTQ model needs about {need.describe()}; {where}",
+            hint="GPTQ runs whole on one device: use a GPU with that much memory (--device cuda)",
+        )
 
 
 class LlamaCppRuntime(Runtime):
@@ -129,7 +182,9 @@ class LlamaCppRuntime(Runtime):
         self.llm.close()
 
 
-def open_runtime(path: Path, runtime: str = "auto", device: str = "cpu") -> tuple[str, Runtime]:
+def open_runtime(
+    path: Path, runtime: str = "auto", device: str = "cpu", forward: str = "auto", tokens: int = 512
+) -> tuple[str, Runtime]:
     kind = detect(path)
     if runtime == "auto":
         runtime = "llama.cpp" if kind == "gguf" else "transformers"
@@ -140,5 +195,5 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "cpu") -> tupl
     if runtime == "transformers":
         if kind == "gguf":
             raise BadInputError(f"{path}: validate GGUF files in llama.cpp (--runtime llama.cpp or auto)")
-        return kind, TransformersRuntime(path, kind, device)
+        return kind, TransformersRuntime(path, kind, device, forward, tokens)
     raise BadInputError(f"unknown runtime {runtime!r} (auto, transformers, llama.cpp)")

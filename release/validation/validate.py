@@ -32,6 +32,7 @@ class VariantResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     seconds_per_1000_tokens: float = 0.0
+    forward: str = ""  # transformers: resident or streamed (one layer at a time)
     reports: dict[str, str] = field(default_factory=dict)
 
 
@@ -119,6 +120,7 @@ def validate(
     min_top1: float | None = None,
     prompts_file: Path | None = None,
     device: str = "cpu",
+    forward: str = "auto",
     write: bool = True,
     reporter: Reporter = NULL,
 ) -> ValidationResult:
@@ -129,7 +131,8 @@ def validate(
     for path in variants:
         path = Path(path)
         started = time.monotonic()
-        fmt, rt = open_runtime(path, runtime, device)
+        longest = int((ref.offsets[1:] - ref.offsets[:-1]).max())
+        fmt, rt = open_runtime(path, runtime, device, forward, longest)
         warnings: list[str] = []
         try:
             _check_same_model(path, rt, ref, warnings)
@@ -143,9 +146,11 @@ def validate(
             acc = Accumulator()
             reporter.start(f"validating {path.name} in {rt.name}", ref.prompt_count)
             compute = 0.0
-            for ids, rows in ref.prompts():
+            items = list(ref.prompts())
+            stream = rt.logits_many([ids for ids, _ in items])
+            for ids, rows in items:
                 t0 = time.monotonic()
-                logits = rt.logits(ids)[:-1]
+                logits = next(stream)[:-1]
                 compute += time.monotonic() - t0
                 kl, top1, target, diff = compare_prompt(
                     logits, ref.topk_ids[rows], ref.topk_logprobs[rows], torch.tensor(ids[1:])
@@ -169,6 +174,7 @@ def validate(
             warnings=warnings,
             seconds=round(time.monotonic() - started, 2),
             seconds_per_1000_tokens=round(compute / (int(ref.input_ids.numel()) / 1000), 3),
+            forward=getattr(rt, "forward", ""),
         )
         if write:
             res.reports = write_reports(path, res, acc.kl_values(), ref)

@@ -1,0 +1,154 @@
+"""What a step needs (memory, GPU memory, disk) estimated from the model's shapes, and what the
+machine has. One place, so `build`'s up-front refusal, `--jobs` scheduling, the reference's choice
+between a resident and a streamed forward pass and GPTQ validation's fit check agree.
+
+Estimates come from config.json and the checkpoint's tensor headers only; nothing is loaded. The
+constants are measured (README, "Scaling"), not derived: a Python process with torch and
+transformers imported is ~0.7 GB before it holds any weight.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GB = 1 << 30
+# Resident set of a step process with torch + transformers imported, before any weight (measured: 0.69 GB).
+PY_BASE = int(0.8 * GB)
+# llama.cpp's quantizer and the GGUF writer stream tensors; their fixed part (numpy, gguf, llama.cpp).
+STREAM_BASE = int(0.4 * GB)
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GB
+
+
+def gpu_free() -> int | None:
+    """Free memory of the current CUDA device, or None without one (never initialises CUDA twice)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+    except Exception:  # a broken driver is "no GPU" here; the step that needs one says so
+        return None
+
+
+def disk_free(path: Path) -> int:
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def fmt(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a memory estimate needs, from config.json and tensor headers."""
+
+    parameters: int
+    stored_bytes: int  # the weights as stored (bf16: 2 bytes a parameter)
+    largest_layer_params: int  # one decoder layer
+    largest_tensor_params: int
+    head_params: int  # lm_head (or the tied embedding)
+    hidden: int
+    intermediate: int
+    vocab: int
+    layers: int
+
+    @property
+    def fp32_bytes(self) -> int:
+        return self.parameters * 4
+
+    def forward_activations(self, tokens: int) -> int:
+        """Float32 activations of one prompt through one layer (attention scores of sdpa in
+        float32 included) plus its logits and their float64 log-softmax."""
+        per_layer = tokens * (4 * self.hidden + 3 * self.intermediate) * 4 + tokens * tokens * 4 * 8
+        logits = tokens * self.vocab * (4 + 8 + 8)
+        return per_layer + logits
+
+    def streamed_forward(self, tokens: int) -> int:
+        """One layer in float32, the head in chunks no larger than a layer, activations."""
+        head_chunk = min(self.head_params, max(self.largest_layer_params, 64 << 20)) * 4
+        return max(self.largest_layer_params * 4, head_chunk) + self.forward_activations(tokens)
+
+    def resident_forward(self, tokens: int) -> int:
+        return self.fp32_bytes + self.forward_activations(tokens)
+
+
+def model_shape(src: Path) -> ModelShape:
+    """Shapes of a checkpoint folder (headers only)."""
+    from release.checkpoint import open_checkpoint, plan_tensors
+
+    with open_checkpoint(src) as ckpt:
+        plan = plan_tensors(ckpt)
+        values: dict[str, Any] = plan.architecture.values
+        per_layer: dict[str, int] = {}
+        head = 0
+        for ref in plan.tensors:
+            parts = ref.name.split(".")
+            if "layers" in parts:
+                i = parts.index("layers")
+                key = ".".join(parts[: i + 2])
+                per_layer[key] = per_layer.get(key, 0) + ref.numel
+            if ref.name == "lm_head.weight" or (ref.name.endswith("embed_tokens.weight") and not head):
+                head = max(head, ref.numel)
+        return ModelShape(
+            parameters=plan.parameters,
+            stored_bytes=sum(r.nbytes for r in plan.tensors),
+            largest_layer_params=max(per_layer.values(), default=0),
+            largest_tensor_params=max((r.numel for r in plan.tensors), default=0),
+            head_params=head,
+            hidden=int(values["hidden_size"]),
+            intermediate=int(values.get("intermediate_size") or 4 * int(values["hidden_size"])),
+            vocab=int(values["vocab_size"]),
+            layers=plan.architecture.num_layers,
+        )
+
+
+@dataclass(frozen=True)
+class Need:
+    """One step's estimated peak needs (bytes); gpu is None for a CPU-only step."""
+
+    ram: int
+    disk: int = 0
+    gpu: int | None = None
+
+    def describe(self) -> str:
+        parts = [f"{fmt(self.ram)} RAM"]
+        if self.gpu:
+            parts.append(f"{fmt(self.gpu)} GPU memory")
+        if self.disk:
+            parts.append(f"{fmt(self.disk)} disk")
+        return ", ".join(parts)
+
+
+def forward_need(shape: ModelShape, tokens: int, device: str, mode: str) -> Need:
+    """A reference or transformers validation run (see ``release.validation.forward``)."""
+    work = shape.resident_forward(tokens) if mode == "resident" else shape.streamed_forward(tokens)
+    if device.startswith("cuda"):
+        # Weights pass through host memory one tensor at a time; logits come back per prompt.
+        host = PY_BASE + shape.largest_tensor_params * 2 + shape.forward_activations(tokens)
+        return Need(ram=host, gpu=work)
+    return Need(ram=PY_BASE + work)
+
+
+def fits(need: Need, *, ram: int | None = None, gpu: int | None = None) -> bool:
+    ram = mem_available() if ram is None else ram
+    if need.ram > ram:
+        return False
+    return not (need.gpu and (gpu is None or need.gpu > gpu))

@@ -1,0 +1,272 @@
+"""Float32 logits of a checkpoint in transformers, with memory bounded by one decoder layer.
+
+Two paths, same arithmetic:
+
+- **resident**: ``AutoModelForCausalLM.from_pretrained(dtype=float32)``, one prompt at a time.
+  Used when the float32 model fits the device (a small model on the CPU, a 7B model on a GPU).
+- **streamed**: the model is built on the ``meta`` device (no memory), then each decoder layer in
+  turn gets its weights from the safetensors/.bin files through our one tensor reader, cast to
+  float32 on the device, runs *every* prompt's hidden states, and is emptied again. Memory is one
+  layer in float32 plus activations, so a 7B model runs in ~2 GB and a 70B one in ~5 GB, on the
+  CPU or on a GPU that holds one layer. The final norm and ``lm_head`` run the same way, the head
+  in vocabulary chunks no larger than a layer.
+
+The streamed path calls transformers' own modules (the decoder layer with its attention and MLP,
+the rotary embedding, the causal-mask builder, the norm and the head) in the order the model's
+``forward`` does; only the loop over layers is ours. Why not accelerate's offloading
+(``device_map`` with ``offload_folder``): its hooks load every layer's weights once per forward
+call, i.e. once per prompt (12 times for the built-in set); here each layer is read and cast once
+for all prompts, which is what makes a 140 GB checkpoint tractable (one pass over the disk).
+
+Which modules to call is data: ``streamed_forward`` in ``release/data/architectures/<arch>.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from release.errors import BadInputError
+from release.progress import NULL, Reporter
+from release.resources import ModelShape, fits, fmt, forward_need, gpu_free, mem_available, model_shape
+
+MODES = ("auto", "resident", "streamed")
+
+
+@dataclass(frozen=True)
+class ForwardChoice:
+    mode: str  # resident | streamed
+    device: str
+    reason: str
+
+
+def choose(src: Path, device: str, mode: str, tokens: int, shape: ModelShape | None = None) -> ForwardChoice:
+    """Resident when the float32 model fits the device with room to spare, streamed otherwise."""
+    if mode not in MODES:
+        raise BadInputError(f"--forward {mode!r}: choose one of {', '.join(MODES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda: no CUDA device is available here (use --device cpu)")
+    shape = shape or model_shape(src)
+    gpu = gpu_free() if device.startswith("cuda") else None
+    ram = mem_available()
+    resident = forward_need(shape, tokens, device, "resident")
+    streamed = forward_need(shape, tokens, device, "streamed")
+    if mode == "auto":
+        # Leave a fifth of what is free: the estimate is a model, not a measurement of this run.
+        room = fits(resident, ram=int(ram * 0.8), gpu=int(gpu * 0.8) if gpu is not None else None)
+        mode = "resident" if room else "streamed"
+        reason = (
+            f"float32 model ({fmt(shape.fp32_bytes)}) fits"
+            if room
+            else f"float32 model ({fmt(shape.fp32_bytes)}) does not fit; one layer at a time"
+        )
+    else:
+        reason = f"--forward {mode}"
+    need = resident if mode == "resident" else streamed
+    if not fits(need, ram=ram, gpu=gpu):
+        where = f"{fmt(ram)} RAM available" + (f", {fmt(gpu)} GPU memory free" if gpu is not None else "")
+        raise BadInputError(f"the {mode} forward pass needs about {need.describe()}; {where}")
+    return ForwardChoice(mode, device, reason)
+
+
+class ForwardModel:
+    """Next-token logits for many prompts: ``logits(prompts)`` yields one [len, vocab] float32 CPU
+    tensor per prompt, in order."""
+
+    vocab_size: int
+
+    def logits(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+
+class ResidentModel(ForwardModel):
+    def __init__(self, src: Path, device: str, *, quantized: bool = False) -> None:
+        from transformers import AutoModelForCausalLM
+
+        dtype: Any = "auto" if quantized else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa")
+        self.model = self.model.to(device).eval()
+        self.device = device
+        self.vocab_size = int(self.model.config.vocab_size)
+
+    def logits(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
+        for ids in prompts:
+            with torch.no_grad():
+                yield self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+
+
+class StreamedModel(ForwardModel):
+    """The model as a meta skeleton; weights come in one module at a time (see the module doc)."""
+
+    def __init__(self, src: Path, device: str, reporter: Reporter = NULL) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from release.checkpoint import open_checkpoint, plan_tensors
+
+        self.src = Path(src)
+        self.device = torch.device(device)
+        self.reporter = reporter
+        self.ckpt = open_checkpoint(self.src)
+        plan = plan_tensors(self.ckpt)
+        paths = plan.architecture.spec.get("streamed_forward")
+        if not paths:
+            self.ckpt.close()
+            raise BadInputError(f"architecture {plan.architecture.name} has no streamed forward description")
+        self.paths: dict[str, str] = paths
+        self.config = AutoConfig.from_pretrained(self.src)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(
+                self.config, dtype=torch.float32, attn_implementation="sdpa"
+            ).eval()
+        self.config = self.model.config
+        self.vocab_size = int(self.config.vocab_size)
+        shape = model_shape(self.src)
+        # Head chunks no larger than a layer in float32 (at least 64M values).
+        self.head_chunk = max(1, max(shape.largest_layer_params, 64 << 20) // int(self.config.hidden_size))
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+    # --- weights in and out -------------------------------------------------------------------
+
+    def _tensor(self, name: str, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """A checkpoint tensor (or some of its rows) as float32 on the device, as a new tensor."""
+        ref = self.ckpt.refs.get(name)
+        if ref is None:
+            raise BadInputError(f"{self.src}: tensor {name} is missing")
+        with self.ckpt.open(ref) as t:
+            part = t if rows is None else t[rows]
+            if self.device.type == "cpu":
+                return part.to(torch.float32, copy=True)
+            return part.to(self.device).to(torch.float32)  # send stored bytes, cast on the GPU
+
+    def _load(self, module: torch.nn.Module, prefix: str, **override: torch.Tensor) -> None:
+        """Give ``module`` its weights on the device. ``override`` sets a parameter to a tensor of
+        another shape (the embedding rows a prompt uses, a chunk of the head's vocabulary)."""
+        state = {key: self._tensor(prefix + key) for key in module.state_dict() if key not in override}
+        if state:
+            module.load_state_dict(state, strict=not override, assign=True)
+        for key, value in override.items():
+            owner, _, leaf = key.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            target._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        for name, buf in module.named_buffers():
+            if buf.is_meta:
+                raise BadInputError(
+                    f"{prefix}{name} is a computed buffer; this architecture cannot run streamed yet "
+                    "(use --forward resident)"
+                )
+
+    @staticmethod
+    def _unload(module: torch.nn.Module) -> None:
+        module.to_empty(device="meta")
+
+    # --- the forward pass ---------------------------------------------------------------------
+
+    def logits(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
+        from transformers.masking_utils import create_causal_mask
+
+        p = self.paths
+        embed = self.model.get_submodule(p["embed"])
+        layers = self.model.get_submodule(p["layers"])
+        norm = self.model.get_submodule(p["norm"])
+        head = self.model.get_submodule(p["head"])
+        rotary = _call(type(self.model.get_submodule(p["rotary"])), config=self.config, device=self.device)
+        rotary = rotary.to(self.device)
+        n_layers = int(self.config.num_hidden_layers)
+        self.reporter.start(f"streamed forward, {n_layers} layers on {self.device}", n_layers + 2, unit="layers")
+        with torch.no_grad():
+            hidden = []
+            for ids in prompts:
+                # Only the rows these tokens use; the embedding module itself does the lookup.
+                uniq, inverse = torch.unique(torch.tensor(ids), return_inverse=True)
+                self._load(embed, p["embed"] + ".", weight=self._tensor(p["embed"] + ".weight", uniq))
+                hidden.append(embed(inverse.to(self.device)).unsqueeze(0))
+            self._unload(embed)
+            self.reporter.advance(1)
+            extras = []
+            for h in hidden:
+                positions = torch.arange(h.shape[1], device=self.device)
+                # transformers renamed these arguments across 5.x (past_key_values -> cache, ...): pass
+                # each name the installed version takes.
+                mask = _call(
+                    create_causal_mask,
+                    config=self.config,
+                    inputs_embeds=h,
+                    input_embeds=h,
+                    attention_mask=None,
+                    cache=None,
+                    past_key_values=None,
+                    cache_position=positions,
+                    position_ids=positions.unsqueeze(0),
+                )
+                extras.append(
+                    {
+                        "attention_mask": mask,
+                        "position_ids": positions.unsqueeze(0),
+                        "cache_position": positions,
+                        "position_embeddings": rotary(h, positions.unsqueeze(0)),
+                    }
+                )
+            for i in range(n_layers):
+                layer = layers[i]
+                self._load(layer, f"{p['layers']}.{i}.")
+                for k, h in enumerate(hidden):
+                    out = _call(layer.forward, h, cache=None, past_key_values=None, use_cache=False, **extras[k])
+                    hidden[k] = out[0] if isinstance(out, tuple) else out
+                self._unload(layer)
+                self.reporter.advance(1)
+            del extras
+            self._load(norm, p["norm"] + ".")
+            hidden = [norm(h)[0] for h in hidden]
+            self._unload(norm)
+            head_name = p["head"] + ".weight"
+            if head_name not in self.ckpt.refs:  # tied: the embedding matrix is the head
+                head_name = p["embed"] + ".weight"
+            vocab = self.vocab_size
+            chunks = [slice(a, min(a + self.head_chunk, vocab)) for a in range(0, vocab, self.head_chunk)]
+            self.reporter.advance(1)
+            self.reporter.done()
+            if len(chunks) == 1:
+                self._load(head, p["head"] + ".", weight=self._tensor(head_name))
+                try:
+                    for h in hidden:
+                        yield head(h).float().cpu()
+                finally:
+                    self._unload(head)
+                return
+            for h in hidden:  # a head larger than a layer: vocabulary chunks, re-read per prompt
+                parts = []
+                for rows in chunks:
+                    self._load(head, p["head"] + ".", weight=self._tensor(head_name, rows))
+                    parts.append(head(h).float().cpu())
+                    self._unload(head)
+                yield torch.cat(parts, dim=-1)
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments its signature names (the rest are other versions' names)."""
+    params = inspect.signature(fn).parameters
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+@contextlib.contextmanager
+def open_forward(
+    src: Path, device: str = "cpu", mode: str = "auto", tokens: int = 512, reporter: Reporter = NULL
+) -> Iterator[tuple[ForwardModel, ForwardChoice]]:
+    """The forward model for a source folder, resident or streamed as ``choose`` decides."""
+    choice = choose(src, device, mode, tokens)
+    model: ForwardModel
+    model = ResidentModel(src, device) if choice.mode == "resident" else StreamedModel(src, device, reporter)
+    try:
+        yield model, choice
+    finally:
+        if isinstance(model, StreamedModel):
+            model.close()
+        del model
