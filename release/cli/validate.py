@@ -38,8 +38,15 @@ def reference_command(
     """
     result: ReferenceResult | None = run_or_json(
         lambda rep: build_reference(
-            src, out, prompts_file=prompts, max_tokens=max_tokens, top_k=top_k, device=device, forward=forward,
-            force=force, reporter=rep,
+            src,
+            out,
+            prompts_file=prompts,
+            max_tokens=max_tokens,
+            top_k=top_k,
+            device=device,
+            forward=forward,
+            force=force,
+            reporter=rep,
         ),
         as_json=as_json,
         quiet=quiet,

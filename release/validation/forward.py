@@ -90,7 +90,9 @@ class ResidentModel(ForwardModel):
         from transformers import AutoModelForCausalLM
 
         dtype: Any = "auto" if quantized else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa")
+        # On a GPU, straight there (device_map): never the whole float32 model in host memory.
+        placement: dict[str, Any] = {} if device == "cpu" else {"device_map": device}
+        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa", **placement)
         self.model = self.model.to(device).eval()
         self.device = device
         self.vocab_size = int(self.model.config.vocab_size)
