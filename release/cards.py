@@ -91,13 +91,21 @@ def files_table(folder: Path, kind: str, parameters: int) -> tuple[str, list[dic
     weights = sorted(folder.glob("*.gguf" if kind == "gguf" else "*.safetensors"))
     folder_report = _validation(folder) if kind != "gguf" else None
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if kind == "gguf":
+        from release.formats.gguf import set_name
+
+        set_bytes: dict[str, int] = {}  # a split set counts as one variant: bits from all its parts
+        for f in weights:
+            set_bytes[set_name(f.name)] = set_bytes.get(set_name(f.name), 0) + f.stat().st_size
     for f in weights:
         size = f.stat().st_size
         report = _validation(f) if kind == "gguf" else folder_report
         if kind == "gguf":
-            method = f.stem.rsplit("-", 1)[-1] if "-" in f.stem else "gguf"
-            bits = f"{size * 8 / parameters:.2f}" if parameters else "?"
-            fmt = "GGUF"
+            logical = Path(set_name(f.name))
+            report = _validation(folder / logical.stem)
+            method = logical.stem.rsplit("-", 1)[-1] if "-" in logical.stem else "gguf"
+            bits = f"{set_bytes[logical.name] * 8 / parameters:.2f}" if parameters else "?"
+            fmt = "GGUF" if logical.name == f.name else "GGUF (split)"
         elif kind == "gptq":
             q = config.get("quantization_config", {})
             method, bits, fmt = f"GPTQ g{q.get('group_size', '?')}", str(q.get("bits", "?")), "safetensors"
@@ -254,7 +262,7 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
                 **common, variant_format=kind.upper(), parent_name=name,
                 parent_url=f"https://huggingface.co/{main_repo}",
                 runtime="llama.cpp" if kind == "gguf" else "transformers with GPTQModel",
-                example_file=first, example_type=first.rsplit("-", 1)[-1].removesuffix(".gguf") if first else "",
+                example_file=first, example_type=rows[0]["method"] if rows and kind == "gguf" else "",
             )  # fmt: skip
         text = "---\n" + yaml.safe_dump(fm, sort_keys=False, allow_unicode=True) + "---\n\n" + _tidy(body)
         card = ModelCard(text)  # parses the front matter the way the Hub does

@@ -118,14 +118,15 @@ def write_manifest(
     variants: dict[str, Any] = {}
     files = []
     if kind == "gguf":
-        from release.formats.gguf import gguf_types
+        from release.formats.gguf import SPLIT_SUFFIX, gguf_types, set_name
 
         known = list(gguf_types())
-        stems: dict[str, str] = {}  # a GGUF file's stem -> its type; its reports share the stem
+        stems: dict[str, str] = {}  # a variant's file stem -> its type; its reports share the stem
         for g in sorted(folder.glob("*.gguf")):
-            if (t := _gguf_type(g.name, known)) is not None:
-                stems[g.stem] = t
-                variants[t] = _validation_summary(folder / f"{g.stem}.validation.json")
+            logical = Path(set_name(g.name))  # the parts of a split set are one variant
+            if (t := _gguf_type(logical.name, known)) is not None:
+                stems[logical.stem] = t
+                variants[t] = _validation_summary(folder / f"{logical.stem}.validation.json")
     else:
         v = _folder_variant(folder, kind)
         variants[v] = _validation_summary(folder / "validation.json")
@@ -134,7 +135,8 @@ def write_manifest(
     for p in listed:
         rel = p.relative_to(folder).as_posix()
         if kind == "gguf":
-            variant = next((t for stem, t in stems.items() if p.name.startswith(f"{stem}.")), None)
+            name = SPLIT_SUFFIX.sub(".gguf", p.name)
+            variant = next((t for stem, t in stems.items() if name.startswith(f"{stem}.")), None)
         else:
             variant = None if rel in _DOCS or rel.startswith("validation") else next(iter(variants))
         fmt = "other" if p.name in ("LICENSE", "NOTICE") else _FORMATS.get(p.suffix, "other")

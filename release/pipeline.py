@@ -38,6 +38,7 @@ from release.atomic import atomic_file
 from release.errors import BadInputError, CheckFailedError
 from release.licensing import decide
 from release.metadata import ReleaseMetadata
+from release.resources import Need, disk_free, fmt, gpu_free, mem_available
 
 STEPS_DIR = ".steps"
 WORK_DIR = ".work"
@@ -177,8 +178,26 @@ class Step:
     settings: dict[str, Any]
     deps: list[str]
     outputs: Callable[[], list[Path]]  # what the step wrote, listed after it ran
-    memory: int  # estimated peak bytes, for --jobs
+    need: Need  # estimated peak RAM / GPU memory / disk, for the up-front fit check and --jobs
     ok_codes: tuple[int, ...] = (0,)  # validate: 1 (a failed check) is a result, not a crash
+
+    @property
+    def memory(self) -> int:
+        return self.need.ram
+
+    def digest_argv(self) -> list[str]:
+        """The arguments that define the result: ``--forward`` (resident or streamed, chosen from
+        free memory) gives the same logits either way, so it does not make a step stale."""
+        out, skip = [], False
+        for a in self.argv[3:]:
+            if skip:
+                skip = False
+                continue
+            if a == "--forward":
+                skip = True
+                continue
+            out.append(a)
+        return out
 
 
 @dataclass
@@ -189,6 +208,8 @@ class StepResult:
     exit_code: int = 0
     output: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    peak_rss_bytes: int = 0  # of the step's process (wait4), 0 when it did not run
+    log: str = ""  # its stderr, kept under DIST/.work/logs
 
 
 class Records:
@@ -228,21 +249,39 @@ class Records:
         return _digest(rec["files"]) if rec else "missing"
 
 
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+def _gguf_files(path: Path) -> list[Path]:
+    """A GGUF variant's file, or its split parts."""
+    from release.formats.gguf import variant_files
+
+    return variant_files(path)
 
 
-def _source_bytes(src: Path) -> int:
-    files = (
-        [src] if src.is_file() else [f for f in src.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
-    )
-    return sum(f.stat().st_size for f in files)
+def _itemsize(dtype: str, shape: Any) -> int:
+    if dtype in ("fp32", "float32"):
+        return 4
+    if dtype == "keep":
+        return max(1, round(shape.stored_bytes / max(shape.parameters, 1)))
+    return 2
+
+
+def _forward_mode(shape: Any, tokens: int, device: str) -> str:
+    """Resident when the float32 model fits in 80% of what is free, else streamed (bit-identical)."""
+    from release import resources as res
+
+    gpu = res.gpu_free() if device == "cuda" else None
+    need = res.forward_need(shape, tokens, device, "resident")
+    room = res.fits(need, ram=int(res.mem_available() * 0.8), gpu=int(gpu * 0.8) if gpu is not None else None)
+    return "resident" if room else "streamed"
+
+
+def _validate_need(family: str, shape: Any, tokens: int, device: str, forward_need: Need) -> Need:
+    from release import resources as res
+
+    if family == "gguf":
+        return res.llama_cpp_validate_need(shape)
+    if family == "gptq":
+        return res.gptq_validate_need(shape, device, tokens)
+    return forward_need
 
 
 @dataclass
@@ -258,7 +297,9 @@ def plan_build(
     """The steps for this release file (not yet run)."""
     dist = Path(dist_root).absolute() / f"{rf.name}-{rf.version}"
     src = rf.source()
-    size = _source_bytes(src)
+    from release import resources as res
+
+    shape = res.model_shape(src)
     cli = [sys.executable, "-m", "release.cli"]
     meta_args = ["--metadata", str(dist / "release.yaml")]
     release = rf.data["release"]
@@ -268,8 +309,7 @@ def plan_build(
     ref = dist / WORK_DIR / "reference.safetensors"
     wanted = set(FAMILIES) if only is None else only
     main, gguf_dir, gptq_dir = dist / rf.name, dist / f"{rf.name}-GGUF", dist / f"{rf.name}-GPTQ"
-    # Rough peaks for --jobs: streaming steps hold a few tensors; model runs hold the model in fp32.
-    small, model_mem = 1 << 30, int(1.5 * (1 << 30) + 2.5 * size)
+    tokens = min(int(evaluation.get("max_tokens", 512)), 512)  # the built-in prompts are shorter than 512
     source_fp = _fingerprint([src])
     steps: list[Step] = []
     variants: list[dict[str, Any]] = []
@@ -280,25 +320,33 @@ def plan_build(
     convert += ["--max-shard-size", st.get("max_shard_size", "5GB")]
     # The main folder is always built: the GGUF files are made from it.
     steps.append(Step("convert", "safetensors", convert, {"source": source_fp, "cfg": st, "meta": release}, [],
-                      lambda: [main], small + size // 8))  # fmt: skip
+                      lambda: [main], res.convert_need(shape, _itemsize(dtype, shape))))  # fmt: skip
     ref_device = "cuda" if device in ("cuda", "auto") and _has_cuda() else "cpu"
-    reference = [*cli, "reference", str(src), "-o", str(ref), "--force", "--device", ref_device]
+    # Resident or streamed is decided here, from the same estimates the fit check and --jobs use.
+    forward = _forward_mode(shape, tokens, ref_device)
+    forward_need = res.forward_need(shape, tokens, ref_device, forward)
+    reference = [*cli, "reference", str(src), "-o", str(ref), "--force", "--device", ref_device, "--forward", forward]
     if evaluation.get("prompts"):
         reference += ["--prompts", str(rf.relative(evaluation["prompts"]))]
     if evaluation.get("max_tokens"):
         reference += ["--max-tokens", str(evaluation["max_tokens"])]
     steps.append(Step("reference", "reference", reference, {"source": source_fp, "eval": evaluation}, [],
-                      lambda: [ref], model_mem))  # fmt: skip
+                      lambda: [ref], forward_need))  # fmt: skip
     if "safetensors" in wanted:
         variants.append({"name": dtype, "family": "safetensors", "path": main, "after": "convert"})
 
     gguf_types = list((cfg.get("gguf") or {}).get("types") or [])
+    known = {k.upper(): v for k, v in data_file("gguf", "types.json")["types"].items()}
+    split = (cfg.get("gguf") or {}).get("split_max_size")
     if "gguf" in wanted:
         for t in gguf_types:
             out = gguf_dir / f"{rf.name}-{t}.gguf"
             args = [*cli, "gguf", str(main), "-o", str(gguf_dir), "-t", t, "--name", rf.name, "--force", *meta_args]
-            steps.append(Step(f"gguf-{t}", "gguf", args, {"meta": release}, ["convert"], lambda o=out: [o],
-                              small + size // 4))  # fmt: skip
+            if split:
+                args += ["--split-max-size", str(split)]
+            spec = known.get(t.upper(), {"bpw": 16, "via": "gguf"})
+            steps.append(Step(f"gguf-{t}", "gguf", args, {"meta": release}, ["convert"], lambda o=out: _gguf_files(o),
+                              res.gguf_need(shape, spec["bpw"], spec["via"])))  # fmt: skip
             variants.append({"name": t, "family": "gguf", "path": out, "after": f"gguf-{t}"})
 
     gq = cfg.get("gptq")
@@ -314,36 +362,37 @@ def plan_build(
             "--sym" if gq.get("sym", True) else "--no-sym",
         ]
         steps.append(Step("gptq", "gptq", args, {"source": source_fp, "cfg": gq, "meta": release}, [],
-                          lambda: [gptq_dir], model_mem + (1 << 30)))  # fmt: skip
+                          lambda: [gptq_dir], res.gptq_need(shape, ref_device)))  # fmt: skip
         variants.append({"name": f"gptq-{gq.get('bits', 4)}bit", "family": "gptq", "path": gptq_dir, "after": "gptq"})
 
     for v in variants:
         v["validate"] = f"validate-{v['family']}" + (f"-{v['name']}" if v["family"] == "gguf" else "")
         over = thresholds.get(_kind(v, st), {})
-        args = [*cli, "validate", str(v["path"]), "-r", str(ref), "--device", ref_device]
+        args = [*cli, "validate", str(v["path"]), "-r", str(ref), "--device", ref_device, "--forward", forward]
         args += ["--max-kl", str(over["max_kl_mean"])] if "max_kl_mean" in over else []
         args += ["--min-top1", str(over["min_top1"])] if "min_top1" in over else []
         path = Path(v["path"])
         base = path.with_suffix("") if path.suffix == ".gguf" else path
         reports = [base.parent / f"{base.name}{s}" for s in (".validation.json", ".validation.md", ".kl.png")]
         steps.append(Step(v["validate"], v["family"], args, {"thresholds": over}, [v["after"], "reference"],
-                          lambda r=reports: r, model_mem, ok_codes=(0, 1)))  # fmt: skip
+                          lambda r=reports: r, _validate_need(v["family"], shape, tokens, ref_device, forward_need),
+                          ok_codes=(0, 1)))  # fmt: skip
 
     if only is None:  # a partial build is not a release: no cards, manifest or signature
         folders = [main, *([gguf_dir] if gguf_types else []), *([gptq_dir] if gq is not None else [])]
         docs = ["README.md", "LICENSE", "USE_POLICY.md", "NOTICE"]
         steps.append(Step("card", "release", [*cli, "card", str(dist)], {"meta": release},
                           [v["validate"] for v in variants],
-                          lambda: [f / d for f in folders for d in docs if (f / d).is_file()], small))  # fmt: skip
+                          lambda: [f / d for f in folders for d in docs if (f / d).is_file()], res.SMALL))  # fmt: skip
         steps.append(Step("manifest", "release", [*cli, "manifest", str(dist), "-r", str(ref)], {}, ["card"],
-                          lambda: [f / "release-manifest.json" for f in folders], small))  # fmt: skip
+                          lambda: [f / "release-manifest.json" for f in folders], res.SMALL))  # fmt: skip
         key = rf.signing_key(key)
         if key is not None:
             if not key.is_file():
                 raise BadInputError(f"signing key {key} does not exist", hint="make one with `model-release keygen`")
             steps.append(Step("sign", "release", [*cli, "sign", str(dist), "--key", str(key)],
                               {"key": _digest(key.read_bytes())}, ["manifest"],
-                              lambda: [f / "release.sig" for f in folders], small))  # fmt: skip
+                              lambda: [f / "release.sig" for f in folders], res.SMALL))  # fmt: skip
     return Plan(dist, steps, variants)
 
 
@@ -395,12 +444,16 @@ def _tidy(plan: Plan, rf: ReleaseFile) -> None:
                 p.unlink(missing_ok=True)
     names = {s.name for s in plan.steps}
     gguf_dir = plan.dist / f"{rf.name}-GGUF"
-    keep = {Path(v["path"]).stem for v in plan.variants if v["family"] == "gguf"}
+    keep = {Path(v["path"]).name for v in plan.variants if v["family"] == "gguf"}
     if gguf_dir.is_dir():
-        for f in gguf_dir.iterdir():
-            if f.name.endswith(".gguf") and f.stem not in keep:
-                for g in gguf_dir.glob(f"{f.stem}.*"):
-                    g.unlink()
+        from release.formats.gguf import set_name
+
+        for f in list(gguf_dir.iterdir()):
+            logical = set_name(f.name)
+            if f.name.endswith(".gguf") and logical not in keep and f.exists():
+                stem = Path(logical).stem
+                for g in [*gguf_dir.glob(f"{stem}.*"), *gguf_dir.glob(f"{stem}-*-of-*.gguf")]:
+                    g.unlink(missing_ok=True)
     for rec in (plan.dist / STEPS_DIR).glob("*.json"):
         if rec.stem not in names and (
             rec.stem.startswith(("gguf-", "validate-gguf-")) or rec.stem in ("gptq", "validate-gptq")
@@ -418,14 +471,20 @@ def build(
     jobs: int = 1,
     device: str = "auto",
     key: Path | None = None,
+    verbose: bool = False,
     on_event: Callable[[str, Step, StepResult | None], None] = lambda *_: None,
 ) -> BuildResult:
+    """Run the plan. ``verbose``: steps' stderr (library warnings included) goes to the terminal
+    instead of DIST/.work/logs/<step>.log."""
     started = time.monotonic()
     rf = load_release_file(release_file)  # bad keys and license violations fail here, before heavy work
     if only is not None and (bad := only - set(FAMILIES)):
         raise BadInputError(f"--only takes {', '.join(FAMILIES)}; not {', '.join(sorted(bad))}")
     plan = plan_build(rf, dist_root, only=only, device=device, key=key)
+    check_fits(plan, Records(plan.dist) if (plan.dist / STEPS_DIR).is_dir() else None)
     plan.dist.mkdir(parents=True, exist_ok=True)
+    logs = plan.dist / WORK_DIR / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     copy = plan.dist / "release.yaml"
     if not copy.is_file() or copy.read_bytes() != rf.path.read_bytes():
         with atomic_file(copy, force=True) as tmp:
@@ -435,7 +494,7 @@ def build(
     results: dict[str, StepResult] = {}
     pending = list(plan.steps)
     running: dict[str, tuple[subprocess.Popen, Step, str, float]] = {}
-    budget = _mem_available()
+    budget = mem_available()
     while pending or running:
         progressed = False
         for step in list(pending):
@@ -457,7 +516,7 @@ def build(
                 on_event("blocked", step, results[step.name])
                 progressed = True
                 continue
-            inputs = _digest({"argv": step.argv[3:], "settings": step.settings,
+            inputs = _digest({"argv": step.digest_argv(), "settings": step.settings,
                               "deps": {d: records.fingerprint(d) for d in step.deps}})  # fmt: skip
             rec = records.valid(step.name, inputs)
             if rec is not None:
@@ -471,14 +530,20 @@ def build(
             if len(running) >= max(1, jobs) or (running and in_use + step.memory > budget):
                 continue
             on_event("start", step, None)
-            proc = subprocess.Popen([*step.argv, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            log = logs / f"{step.name}.log"
+            with open(log, "w", encoding="utf-8") as err:
+                proc = subprocess.Popen(
+                    [*step.argv, "--json"], stdout=subprocess.PIPE, stderr=None if verbose else err, text=True
+                )
             running[step.name] = (proc, step, inputs, time.monotonic())
             pending.remove(step)
             progressed = True
         for name, (proc, step, inputs, t0) in list(running.items()):
-            if proc.poll() is None:
+            peak = _reap(proc)
+            if peak is None:
                 continue
-            out, err = proc.communicate()
+            out, _ = proc.communicate()
+            log = logs / f"{name}.log"
             del running[name]
             progressed = True
             seconds = time.monotonic() - t0
@@ -489,12 +554,10 @@ def build(
             if proc.returncode in step.ok_codes:
                 data = {**(data if isinstance(data, dict) else {}), "exit_code": proc.returncode}
                 records.save(name, inputs, _fingerprint(step.outputs()), data, seconds)
-                results[name] = StepResult(name, "done", seconds, proc.returncode, data)
+                results[name] = StepResult(name, "done", seconds, proc.returncode, data, "", peak, str(log))
             else:
-                message = (data.get("message") if isinstance(data, dict) else None) or (
-                    err.strip().splitlines() or ["?"]
-                )[-1]
-                results[name] = StepResult(name, "failed", seconds, proc.returncode, data, message)
+                message = _failure_message(proc.returncode, data, log, seconds, peak)
+                results[name] = StepResult(name, "failed", seconds, proc.returncode, data, message, peak, str(log))
             on_event("finish", step, results[name])
         if not progressed:
             time.sleep(0.05)
@@ -506,12 +569,78 @@ def build(
     return BuildResult(str(plan.dist), code == 0, code, ordered, variants, round(time.monotonic() - started, 2))
 
 
+def check_fits(plan: Plan, records: Records | None) -> None:
+    """Refuse, before any heavy work, a plan one of whose steps cannot fit this machine (its RAM,
+    GPU memory, or the free disk the outputs still to write need), naming the step and the sizes."""
+    ram, gpu = mem_available(), None
+    disk_needed = 0
+    for step in plan.steps:
+        rec = records.load(step.name) if records is not None else None
+        if rec is not None and all(Path(f).is_file() for f, _, _ in rec["files"]):
+            continue  # built before: its outputs are there, it will be skipped or redone in place
+        need = step.need
+        if need.ram > ram:
+            hint = "free memory, build on a larger machine"
+            hint += ", or use --device cuda" if step.family in ("reference", "gptq") else ""
+            msg = f"{step.name} needs about {fmt(need.ram)} of memory; {fmt(ram)} is available"
+            raise BadInputError(msg, hint=hint)
+        if need.gpu:
+            gpu = gpu_free() if gpu is None else gpu
+            if gpu is None or need.gpu > gpu:
+                have = "no CUDA device" if gpu is None else f"{fmt(gpu)} free"
+                raise BadInputError(f"{step.name} needs about {fmt(need.gpu)} of GPU memory; {have}")
+        disk_needed += need.disk
+    free = disk_free(plan.dist)
+    if disk_needed > free:
+        raise BadInputError(
+            f"the outputs still to write need about {fmt(disk_needed)} of disk; {fmt(free)} is free at {plan.dist}",
+            hint="free space or build elsewhere (-o)",
+        )
+
+
+def _reap(proc: subprocess.Popen) -> int | None:
+    """Peak RSS (bytes) of a finished step, with its exit status set; None while it runs.
+    ``wait4`` gives the child's own resource usage, which ``Popen.poll`` throws away."""
+    try:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    except ChildProcessError:  # already reaped elsewhere
+        return 0 if proc.poll() is not None else None
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss * 1024  # Linux reports kilobytes
+
+
+def _failure_message(code: int, data: Any, log: Path, seconds: float, peak: int) -> str:
+    """One line that says why a step failed: its own error, or the signal that killed it (the
+    OOM killer's SIGKILL), never the last line of some library's warning."""
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "?"
+        why = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"killed by signal {-code} ({name}){why} after {seconds:.0f} s; peak {fmt(peak)}"
+    if isinstance(data, dict) and data.get("message"):
+        return str(data["message"])
+    try:
+        lines = [x.strip() for x in log.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+    except OSError:
+        lines = []
+    errors = [x for x in lines if x.lower().startswith("error")]
+    quiet = [x for x in lines if "warn" not in x.lower()]
+    last = errors[-1] if errors else (quiet[-1] if quiet else f"exit {code}")
+    return f"{last} (exit {code}; log: {log})"
+
+
 def _variant_rows(plan: Plan, results: dict[str, StepResult]) -> list[dict[str, Any]]:
     rows = []
     for v in plan.variants:
         path = Path(v["path"])
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".gguf")) \
-            if path.is_dir() else (path.stat().st_size if path.exists() else 0)  # fmt: skip
+            if path.is_dir() else sum(f.stat().st_size for f in _gguf_files(path))  # fmt: skip
         r = results.get(v["validate"])
         row: dict[str, Any] = {"variant": v["name"], "family": v["family"], "path": str(path), "bytes": size}
         variants = (r.output.get("variants") or []) if r else []

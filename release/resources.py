@@ -32,6 +32,18 @@ def mem_available() -> int:
     return 8 * GB
 
 
+def rss_anon() -> int:
+    """This process's anonymous resident memory (RssAnon): what it allocated, without the pages of
+    files it maps (llama.cpp maps a GGUF file: those pages are page cache the kernel can drop)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def gpu_free() -> int | None:
     """Free memory of the current CUDA device, or None without one (never initialises CUDA twice)."""
     try:
@@ -152,3 +164,51 @@ def fits(need: Need, *, ram: int | None = None, gpu: int | None = None) -> bool:
     if need.ram > ram:
         return False
     return not (need.gpu and (gpu is None or need.gpu > gpu))
+
+
+# --- per-step estimates for `build` ----------------------------------------------------------------
+# Measured on the 7B-shaped checkpoint (README, "Scaling"); each is a peak of the step's process.
+
+
+def convert_need(shape: ModelShape, out_itemsize: int) -> Need:
+    """Streaming conversion: a tensor in hand, its cast copy and the shard writer's buffer."""
+    return Need(ram=PY_BASE + 3 * shape.largest_tensor_params * 4, disk=shape.parameters * out_itemsize)
+
+
+def gguf_need(shape: ModelShape, bpw: float, via: str) -> Need:
+    """The direct writer holds the largest tensor in float32 and gguf's block arrays; llama.cpp's
+    quantizer streams from a lossless intermediate (on disk beside the output until it is done)."""
+    ram = PY_BASE + int(2.5 * shape.largest_tensor_params * 4)
+    disk = int(shape.parameters * bpw / 8)
+    if via == "llama.cpp":
+        disk += shape.stored_bytes
+    return Need(ram=ram, disk=disk)
+
+
+def llama_cpp_validate_need(shape: ModelShape, n_ctx: int = 2048) -> Need:
+    """llama.cpp maps the file (page cache, reclaimable: not counted); it allocates the KV cache,
+    a logits row per context position (logits_all) and compute buffers."""
+    kv = 2 * n_ctx * shape.layers * shape.hidden * 2
+    logits = n_ctx * shape.vocab * 4
+    return Need(ram=PY_BASE + kv + logits + shape.forward_activations(n_ctx // 4) + (256 << 20))
+
+
+def gptq_need(shape: ModelShape, device: str, tokens: int = 256, samples: int = 128) -> Need:
+    """GPTQModel holds the model in its stored dtype on the host and quantizes layer by layer
+    (measured on SmolLM2 on the CPU: 1.74 GB for 0.27 GB of weights)."""
+    layer = shape.largest_layer_params * 4 * 3 + samples * tokens * shape.hidden * 4 * 4
+    ram = int(1.5 * PY_BASE) + 2 * shape.stored_bytes
+    disk = int(shape.parameters * 4.25 / 8) + shape.vocab * shape.hidden * 2
+    if device.startswith("cuda"):
+        return Need(ram=ram, gpu=layer, disk=disk)
+    return Need(ram=ram + layer, disk=disk)
+
+
+def gptq_validate_need(shape: ModelShape, device: str, tokens: int) -> Need:
+    work = int(shape.parameters * 4.25 / 8 * 1.3) + shape.vocab * shape.hidden * 2 + shape.forward_activations(tokens)
+    if device.startswith("cuda"):
+        return Need(ram=PY_BASE + shape.forward_activations(tokens), gpu=work)
+    return Need(ram=PY_BASE + work)
+
+
+SMALL = Need(ram=PY_BASE)

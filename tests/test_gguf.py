@@ -482,3 +482,27 @@ def test_several_types_read_the_source_once(tiny, smollm2, tmp_path, monkeypatch
         m.eval([1, 2, 3, 4])
         assert np.isfinite(np.array(m.scores[:4])).all(), o.type
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"tiny-{t}.gguf" for t in types)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_ggml_quantizer_gives_the_gguf_packages_bytes(smollm2, qtype):
+    """The writer quantizes through ggml's C ``ggml_quantize_chunk`` (threaded); the bytes must be
+    those of the ``gguf`` package's numpy quantizer, on the real model's tensors and on edge cases
+    (zero blocks, a row that is one block, rows not a multiple of the chunk)."""
+    from safetensors import safe_open
+
+    from release.formats import gguf_quants
+
+    assert gguf_quants.available()
+    q = gguf.GGMLQuantizationType[qtype]
+    with safe_open(str(smollm2.hf / "model.safetensors"), framework="pt") as f:
+        cases = [f.get_tensor("model.layers.3.mlp.down_proj.weight"), f.get_tensor("model.embed_tokens.weight")[:999]]
+    edge = torch.randn(1001, 64) * 3
+    edge[5] = 0
+    edge[7, :32] = 1e-30
+    cases += [edge.to(torch.bfloat16), torch.randn(3, 32).to(torch.float16)]
+    for t in cases:
+        ours = gguf_quants.quantize(t, q, threads=2)
+        theirs = gguf.quants.quantize(t.to(torch.float32).numpy(), q)
+        assert ours is not None and ours.shape == theirs.shape and np.array_equal(ours, theirs)
+    assert gguf_quants.quantize(torch.randn(4, 48), q) is None  # not whole blocks: the caller falls back

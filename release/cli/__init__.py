@@ -35,6 +35,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Show library warnings and progress bars (torch, transformers, huggingface_hub)."
+    ),
 ) -> None:
     """Exit codes everywhere: 0 ok, 1 a check failed, 2 bad input."""
 
@@ -58,5 +61,31 @@ app.add_typer(hub_app, name="hub")
 app.command("fixture")(fixture_command)
 
 
+def quiet_libraries(argv: list[str]) -> None:
+    """Library warnings and progress bars (torch's deprecation notices, transformers' loading bars,
+    huggingface_hub's upload bars) stay off the terminal unless ``--verbose``. Set in the
+    environment too, so the steps ``build`` runs as child processes inherit it."""
+    if "--verbose" in argv:
+        return
+    import logging
+    import os
+    import warnings
+
+    for k, v in {
+        "PYTHONWARNINGS": "ignore",
+        "TORCH_LOGS": "-torch",  # read when torch is imported: child processes
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
+    }.items():
+        os.environ.setdefault(k, v)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torch is imported already here
+
+
 def main() -> None:
+    import sys
+
+    quiet_libraries(sys.argv[1:])
     app()

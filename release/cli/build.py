@@ -25,6 +25,9 @@ def build_command(
         "auto", "--device", help="auto (CUDA when present), cpu or cuda: GPTQ, reference, validation."
     ),
     key: Path | None = typer.Option(None, "--key", help="Signing key (overrides the release file's signing section)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Show the steps' own stderr (library warnings too) instead of DIST/.work/logs/."
+    ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
@@ -35,7 +38,11 @@ def build_command(
     Each step records the hash of its inputs in DIST/<name>-<version>/.steps/: a rerun after success
     does nothing, a rerun after a crash or kill -9 redoes only the unfinished step, and changing one
     GGUF type rebuilds that file and what depends on it. A bad key or a license violation in the
-    release file fails before any heavy work. Exit codes: 0 built and every variant passed, 1 a
+    release file fails before any heavy work, and so does a plan that cannot fit this machine: each
+    step's memory, GPU memory and disk are estimated from the model's shapes and checked against
+    what is available (the reference and transformers validation run one decoder layer at a time
+    when the float32 model does not fit, so a 7B model needs ~3 GB and a 70B one ~6 GB). Each
+    step's stderr goes to DIST/<name>-<version>/.work/logs/<step>.log. Exit codes: 0 built and every variant passed, 1 a
     validation or license check failed, 2 bad input."""
     from release.pipeline import build
 
@@ -56,10 +63,13 @@ def build_command(
         else:
             code = getattr(result, "exit_code", 0)
             mark = "[yellow]![/]" if code else "[green]ok[/]"
-            stderr.print(f"{mark} {name} ({getattr(result, 'seconds', 0):.1f} s)", highlight=False)
+            peak = human_bytes(getattr(result, "peak_rss_bytes", 0))
+            stderr.print(f"{mark} {name} ({getattr(result, 'seconds', 0):.1f} s, peak {peak})", highlight=False)
 
     result = run(
-        lambda rep: build(release_file, dist, only=families, jobs=jobs, device=device, key=key, on_event=event),
+        lambda rep: build(
+            release_file, dist, only=families, jobs=jobs, device=device, key=key, verbose=verbose, on_event=event
+        ),
         as_json=as_json,
         quiet=quiet,
     )

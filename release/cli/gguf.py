@@ -9,6 +9,7 @@ from rich.table import Table
 
 from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, run_or_json, stdout
 from release.formats.gguf import GGUFResult, gguf_types, write_gguf
+from release.formats.safetensors import parse_size
 from release.metadata import BaseModel, ReleaseMetadata
 
 
@@ -59,6 +60,12 @@ def gguf_command(
         None, "--source-repo-url", help="Where the source checkpoint is published (general.source.*)."
     ),
     metadata_file: Path | None = typer.Option(None, "--metadata", help="Release metadata JSON (flags override it)."),
+    split_max_size: str | None = typer.Option(
+        None,
+        "--split-max-size",
+        help="Write files larger than this (e.g. 48GB: the Hub advises files under 50 GB) as llama.cpp's split "
+        "set NAME-TYPE-00001-of-0000N.gguf, which llama.cpp loads from the first part.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf weights instead of failing."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -81,6 +88,7 @@ def gguf_command(
                 metadata_file, name, version, license, base_model, repo_url, quantized_by, source_repo_url
             ),
             force=force,
+            split_max_size=parse_size(split_max_size) if split_max_size else None,
             allow_nonfinite=allow_nonfinite,
             reporter=rep,
         ),
@@ -94,7 +102,8 @@ def gguf_command(
         table.add_column(col)
     for o in result.outputs:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(o.tensor_types.items()))
-        table.add_row(o.type, o.file, human_bytes(o.bytes), kinds)
+        file = f"{o.file} ... ({len(o.parts)} parts)" if o.parts else o.file
+        table.add_row(o.type, file, human_bytes(o.bytes), kinds)
     stdout.print(table)
     for o in result.outputs:
         if o.fallbacks:

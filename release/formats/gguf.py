@@ -13,6 +13,7 @@ follow llama.cpp's ``convert_hf_to_gguf`` so that files match the reference conv
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -35,6 +36,7 @@ from release.atomic import fsync_path
 from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
+from release.formats import gguf_quants
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
 from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
@@ -155,14 +157,16 @@ class SourceTensor:
 
 def encode(src: SourceTensor, qtype: Q) -> np.ndarray:
     """Tensor bytes for one GGUF type. Float casts run in torch (round to nearest even, as numpy
-    does, several times faster); the block quants use gguf's numpy quantizers."""
+    does, several times faster); the block quants use ggml's quantizer when llama-cpp-python is
+    installed (``gguf_quants``), else gguf's numpy quantizers: the same bytes either way."""
     if qtype == Q.F32:
         return src.t.to(torch.float32).contiguous().numpy()
     if qtype == Q.F16:
         return src.t.to(torch.float16).contiguous().numpy()
     if qtype == Q.BF16 and src.t.dtype == torch.bfloat16:
         return src.t.contiguous().view(torch.int16).numpy().view(np.uint8)
-    return gguf.quants.quantize(src.f32, qtype)
+    fast = gguf_quants.quantize(src.t, qtype)  # ggml's C quantizer, same bytes, threaded
+    return fast if fast is not None else gguf.quants.quantize(src.f32, qtype)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
@@ -279,6 +283,7 @@ class GGUFOutput:
     tensor_types: dict[str, int]
     fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    parts: list[str] = field(default_factory=list)  # a split set's files, in order (file is the first)
 
 
 @dataclass
@@ -320,9 +325,12 @@ def write_gguf(
     metadata: ReleaseMetadata | None = None,
     force: bool = False,
     allow_nonfinite: bool = False,
+    split_max_size: int | None = None,
     reporter: Reporter = NULL,
 ) -> GGUFResult:
-    """Write ``<name>-<TYPE>.gguf`` into ``out_dir`` for every requested type."""
+    """Write ``<name>-<TYPE>.gguf`` into ``out_dir`` for every requested type; with
+    ``split_max_size``, a file larger than that becomes llama.cpp's split set
+    ``<name>-<TYPE>-00001-of-0000N.gguf`` ... (one variant, loaded from its first part)."""
     started = time.monotonic()
     wanted = resolve_types(types)
     src = Path(src)
@@ -332,8 +340,10 @@ def write_gguf(
     meta = meta.with_(name=meta.name or name or base)
     targets = {t.name: out_dir / f"{base}-{t.name}.gguf" for t in wanted}
     for p in targets.values():
-        if p.exists() and not force:
-            raise BadInputError(f"{p} exists (pass --force to replace it)")
+        if variant_files(p) and not force:
+            raise BadInputError(f"{variant_files(p)[0]} exists (pass --force to replace it)")
+    if split_max_size is not None and split_max_size < 1 << 20:
+        raise BadInputError(f"--split-max-size {split_max_size} bytes is too small (at least 1 MB)")
     warnings: list[str] = []
     with open_checkpoint(src) as ckpt:
         arch, tensors = plan_gguf(ckpt)
@@ -375,8 +385,19 @@ def write_gguf(
                     outputs.append(_quantize_llama_cpp(inter.path, tmp / f"{t.name}.gguf", t, tensors, reporter))
                 for o in outputs:
                     final = targets[o.type]
-                    os.replace(tmp / o.file, final)  # atomic, replacing an old file under --force
-                    o.file = final.name
+                    made = split_gguf(tmp / o.file, split_max_size) if split_max_size else [tmp / o.file]
+                    stem = Path(o.file).stem
+                    dests = (
+                        [final.with_name(final.stem + p.name[len(stem) :]) for p in made] if len(made) > 1 else [final]
+                    )
+                    for old in variant_files(final):  # an earlier single file or split set of this type
+                        if old not in dests:
+                            old.unlink()
+                    for p, d in zip(made, dests, strict=True):
+                        os.replace(p, d)  # atomic per file, replacing an old one under --force
+                    o.file = dests[0].name
+                    o.parts = [d.name for d in dests] if len(dests) > 1 else []
+                    o.bytes = sum(d.stat().st_size for d in dests)
                 fsync_path(out_dir)
             except OSError as exc:
                 raise os_error_to_release_error(exc, f"writing {out_dir}") from exc
@@ -545,3 +566,85 @@ def _quantize_llama_cpp(
 def describe_types() -> str:
     """One line for --help."""
     return ", ".join(gguf_types())
+
+
+# --- split sets (llama.cpp's `gguf-split` convention) -------------------------------------------
+
+SPLIT_SUFFIX = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def set_name(filename: str) -> str:
+    """``m-F16-00002-of-00003.gguf`` -> ``m-F16.gguf``: the name of the variant a part belongs to."""
+    return SPLIT_SUFFIX.sub(".gguf", filename)
+
+
+def variant_files(path: Path) -> list[Path]:
+    """The files of a GGUF variant named ``NAME-TYPE.gguf``: that file, or its split parts in order."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    five = "[0-9]" * 5
+    parts = sorted(path.parent.glob(f"{glob.escape(path.stem)}-{five}-of-{five}.gguf"))
+    return [p for p in parts if set_name(p.name) == path.name]
+
+
+def split_gguf(path: Path, max_bytes: int) -> list[Path]:
+    """Rewrite one GGUF file as a split set of parts of at most ``max_bytes`` of tensor data each,
+    the way llama.cpp's ``gguf-split`` does (``split.no``/``split.count``/``split.tensors.count`` in
+    every part, all other metadata in the first), with the ``gguf`` package's writer, which
+    implements that convention; tensor data are copied from the memory-mapped source. A file that
+    fits is left as it is. Every part is read back and each tensor compared with the source."""
+    reader = gguf.GGUFReader(path)
+    if path.stat().st_size <= max_bytes:
+        return [path]
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    # The writer counts tensor data only; the first part also holds the metadata (the vocabulary).
+    data_budget = max(1 << 20, max_bytes - reader.data_offset - (1 << 20))
+    writer = gguf.GGUFWriter(path=None, arch=arch, split_max_size=data_budget)
+    for kv in reader.fields.values():
+        if kv.name == gguf.Keys.General.ARCHITECTURE or kv.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        vtype = kv.types[0]
+        sub = kv.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(kv.name, kv.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    with contextlib.redirect_stdout(None), _quiet_gguf_logger():
+        writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    expected = {}
+    for t in reader.tensors:
+        expected[t.name] = (int(t.tensor_type), _data_digest(t.data))
+        writer.write_tensor_data(t.data)
+    parts = [Path(f.name) for f in writer.fout or []]
+    for f in writer.fout or []:
+        f.flush()
+        os.fsync(f.fileno())
+    writer.close()
+    del reader
+    seen: dict[str, tuple[int, str]] = {}
+    for p in parts:
+        for t in _read(p).tensors:
+            seen[t.name] = (int(t.tensor_type), _data_digest(t.data))
+    if seen != expected:
+        bad = sorted(set(expected) ^ set(seen)) or [n for n in expected if expected[n] != seen.get(n)]
+        raise CheckFailedError(f"{path.name}: split parts differ from the file at {bad[0]}")
+    path.unlink()
+    return parts
+
+
+def _data_digest(data: np.ndarray) -> str:
+    return hashing.write_digest(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+
+@contextlib.contextmanager
+def _quiet_gguf_logger() -> Iterator[None]:
+    """The writer logs its shard plan at INFO; our summary lists the parts."""
+    logger = logging.getLogger("gguf.gguf_writer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def report_paths(variant: Path) -> dict[str, Path]:
     """``X.gguf`` -> ``X.validation.json`` ...; a folder ``F`` -> ``F.validation.json`` beside it
     (not inside: the folder is what gets published)."""
-    base = variant.with_suffix("") if variant.is_file() else variant
+    base = variant.with_suffix("") if (variant.is_file() or variant.suffix == ".gguf") else variant
     return {
         "json": base.parent / f"{base.name}.validation.json",
         "markdown": base.parent / f"{base.name}.validation.md",

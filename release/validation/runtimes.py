@@ -20,7 +20,7 @@ from release.errors import BadInputError
 def detect(path: Path) -> str:
     """safetensors | gptq | gguf, from what the path holds."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.suffix == ".gguf" and (path.is_file() or gguf_parts(path)):
         return "gguf"
     if path.is_dir() and (path / "config.json").is_file():
         try:
@@ -34,6 +34,13 @@ def detect(path: Path) -> str:
     if not path.exists():
         raise BadInputError(f"{path}: no such variant")
     raise BadInputError(f"{path}: not a safetensors folder, GPTQ folder or .gguf file")
+
+
+def gguf_parts(path: Path) -> list[Path]:
+    """A GGUF variant's files: the file itself, or its split set (``NAME-TYPE.gguf`` names the set)."""
+    from release.formats.gguf import variant_files
+
+    return variant_files(path)
 
 
 class Runtime:
@@ -191,7 +198,7 @@ def open_runtime(
     if runtime == "llama.cpp":
         if kind != "gguf":
             raise BadInputError(f"{path}: llama.cpp runs GGUF files, this is a {kind} variant")
-        return kind, LlamaCppRuntime(path)
+        return kind, LlamaCppRuntime(gguf_parts(path)[0])  # llama.cpp finds a split set's other parts
     if runtime == "transformers":
         if kind == "gguf":
             raise BadInputError(f"{path}: validate GGUF files in llama.cpp (--runtime llama.cpp or auto)")

@@ -13,6 +13,7 @@ import torch
 from release.architectures import data_file
 from release.errors import BadInputError, CheckFailedError
 from release.progress import NULL, Reporter
+from release.resources import rss_anon
 from release.validation.metrics import Accumulator, compare_prompt
 from release.validation.reference import Reference, load_prompts, load_reference
 from release.validation.report import write_reports
@@ -33,6 +34,7 @@ class VariantResult:
     seconds: float = 0.0
     seconds_per_1000_tokens: float = 0.0
     forward: str = ""  # transformers: resident or streamed (one layer at a time)
+    peak_anon_rss_bytes: int = 0  # sampled after each prompt; excludes mapped model files (llama.cpp)
     reports: dict[str, str] = field(default_factory=dict)
 
 
@@ -146,12 +148,14 @@ def validate(
             acc = Accumulator()
             reporter.start(f"validating {path.name} in {rt.name}", ref.prompt_count)
             compute = 0.0
+            peak_anon = rss_anon()
             items = list(ref.prompts())
             stream = rt.logits_many([ids for ids, _ in items])
             for ids, rows in items:
                 t0 = time.monotonic()
                 logits = next(stream)[:-1]
                 compute += time.monotonic() - t0
+                peak_anon = max(peak_anon, rss_anon())
                 kl, top1, target, diff = compare_prompt(
                     logits, ref.topk_ids[rows], ref.topk_logprobs[rows], torch.tensor(ids[1:])
                 )
@@ -175,8 +179,13 @@ def validate(
             seconds=round(time.monotonic() - started, 2),
             seconds_per_1000_tokens=round(compute / (int(ref.input_ids.numel()) / 1000), 3),
             forward=getattr(rt, "forward", ""),
+            peak_anon_rss_bytes=peak_anon,
         )
         if write:
+            if fmt == "gguf":  # one report per variant, named after the set when it is split
+                from release.formats.gguf import set_name
+
+                path = path.with_name(set_name(path.name))
             res.reports = write_reports(path, res, acc.kl_values(), ref)
         results.append(res)
     return ValidationResult(reference=str(reference), passed=all(r.passed for r in results), variants=results)
