@@ -379,6 +379,14 @@ def plan_build(
                           ok_codes=(0, 1)))  # fmt: skip
 
     if only is None:  # a partial build is not a release: no cards, manifest or signature
+        url = str(release.get("repo_url") or "")
+        if "huggingface.co/" not in url or "/" not in url.split("huggingface.co/", 1)[1].strip("/"):
+            # The manifest names the Hub repositories; say so now, not after hours of quantization.
+            raise BadInputError(
+                f"{rf.path}:{rf.line(['release'])}: release.repo_url must name the Hub repository "
+                "(https://huggingface.co/ORG/NAME): the manifest and cards are written for it",
+                hint="or build one family with --only",
+            )
         folders = [main, *([gguf_dir] if gguf_types else []), *([gptq_dir] if gq is not None else [])]
         docs = ["README.md", "LICENSE", "USE_POLICY.md", "NOTICE"]
         steps.append(Step("card", "release", [*cli, "card", str(dist)], {"meta": release},

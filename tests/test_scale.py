@@ -248,3 +248,18 @@ def test_split_release_is_one_variant_in_manifest_card_and_fetch(smollm2, tmp_pa
     assert got == [p.name for p in parts]
     logs = {p.stem for p in (dist / ".work" / "logs").glob("*.log")}
     assert {"convert", "reference", "gguf-Q8_0", "validate-gguf-Q8_0"} <= logs
+
+
+def test_build_without_a_repository_is_refused_before_work(tmp_path, cli):
+    """Found at 7B: the manifest step failed after 12 minutes of building for want of repo_url."""
+    import yaml
+
+    from tests.test_pipeline import _release_file
+
+    rf = _release_file(tmp_path / "release.yaml", gguf={"types": ["Q8_0"]})
+    data = yaml.safe_load(rf.read_text())
+    del data["release"]["repo_url"]
+    rf.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = cli("build", rf, "-o", tmp_path / "dist", "--json")
+    assert r.exit_code == 2 and "release.repo_url must name the Hub repository" in json.loads(r.stdout)["message"]
+    assert not (tmp_path / "dist").exists()

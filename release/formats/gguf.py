@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,7 +155,7 @@ class SourceTensor:
         return self._f32
 
 
-def encode(src: SourceTensor, qtype: Q) -> np.ndarray:
+def encode(src: SourceTensor, qtype: Q, out: np.ndarray | None = None) -> np.ndarray:
     """Tensor bytes for one GGUF type. Float casts run in torch (round to nearest even, as numpy
     does, several times faster); the block quants use ggml's quantizer when llama-cpp-python is
     installed (``gguf_quants``), else gguf's numpy quantizers: the same bytes either way."""
@@ -165,7 +165,7 @@ def encode(src: SourceTensor, qtype: Q) -> np.ndarray:
         return src.t.to(torch.float16).contiguous().numpy()
     if qtype == Q.BF16 and src.t.dtype == torch.bfloat16:
         return src.t.contiguous().view(torch.int16).numpy().view(np.uint8)
-    fast = gguf_quants.quantize(src.t, qtype)  # ggml's C quantizer, same bytes, threaded
+    fast = gguf_quants.quantize(src.t, qtype, out=out)  # ggml's C quantizer, same bytes, threaded
     return fast if fast is not None else gguf.quants.quantize(src.f32, qtype)
 
 
@@ -233,20 +233,47 @@ class GGUFFile:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         self._w = w
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-write")
+        self._pending: Future[None] | None = None
+        self._bufs: list[np.ndarray | None] = [None, None]
+        self._slot = 0
+        self._buf_bytes = max((_nbytes(pt.ref.shape, self.types[pt.name]) for pt in tensors), default=0)
 
     def write(self, pt: PlannedTensor, data: SourceTensor, *, allow_nonfinite: bool) -> None:
+        """Encode this tensor while the previous one is still being written (a writer thread):
+        at 7B, writing 7 GB into the page cache runs at disk speed once the kernel throttles dirty
+        pages, and would otherwise leave both cores idle. Two reused output buffers alternate."""
         q = self.types[pt.name]
-        out = encode(data, q)
+        slot = self._buffer(q, pt)
+        out = encode(data, q, out=slot)
         if q == Q.F16 and not allow_nonfinite and has_nonfinite(torch.from_numpy(out)):
             raise BadInputError(f"tensor {pt.ref.name}: values overflow float16 in {self.gtype.name}")
+        digest = hashing.write_digest(memoryview(out).cast("B"))
+        self._drain()
         assert self._w.fout is not None
         start = self._w.fout[0].tell()
         start += -start % self._w.data_alignment  # where write_tensor_data puts it, after padding
         self.offsets[pt.name] = (start, out.nbytes)
-        self.digests[pt.name] = hashing.write_digest(memoryview(out).cast("B"))
-        self._w.write_tensor_data(out)
+        self.digests[pt.name] = digest
+        self._pending = self._writer.submit(self._w.write_tensor_data, out)
+
+    def _buffer(self, q: Q, pt: PlannedTensor) -> np.ndarray | None:
+        """The free one of two output buffers sized for the largest tensor (types ggml quantizes)."""
+        if q not in gguf_quants.TYPES:
+            return None
+        self._slot ^= 1
+        if self._bufs[self._slot] is None:
+            self._bufs[self._slot] = np.empty(self._buf_bytes, dtype=np.uint8)
+        return self._bufs[self._slot]
+
+    def _drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a write error (disk full) here
 
     def finish(self, source_hash: str) -> None:
+        self._drain()
+        self._writer.shutdown(wait=True)
         w = self._w
         assert w.fout is not None
         for f in w.fout:
@@ -256,6 +283,9 @@ class GGUFFile:
         _patch_placeholder(self.path, source_hash)
 
     def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._drain()
+        self._writer.shutdown(wait=True)
         with contextlib.suppress(Exception):
             self._w.close()
 

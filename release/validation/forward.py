@@ -35,6 +35,7 @@ import torch
 from release.errors import BadInputError
 from release.progress import NULL, Reporter
 from release.resources import ModelShape, fits, fmt, forward_need, gpu_free, mem_available, model_shape
+from release.tensors import SafetensorsFile, drop_pages
 
 MODES = ("auto", "resident", "streamed")
 
@@ -144,6 +145,8 @@ class StreamedModel(ForwardModel):
             raise BadInputError(f"{self.src}: tensor {name} is missing")
         with self.ckpt.open(ref) as t:
             part = t if rows is None else t[rows]
+            if not isinstance(rows, torch.Tensor) and isinstance(self.ckpt.file_of(name), SafetensorsFile):
+                return _cast_dropping_pages(part, self.device)
             if self.device.type == "cpu":
                 return part.to(torch.float32, copy=True)
             return part.to(self.device).to(torch.float32)  # send stored bytes, cast on the GPU
@@ -250,6 +253,21 @@ class StreamedModel(ForwardModel):
                     parts.append(head(h).float().cpu())
                     self._unload(head)
                 yield torch.cat(parts, dim=-1)
+
+
+def _cast_dropping_pages(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Float32 copy of a memory-mapped tensor on ``device``, 64 MB of source at a time, each slice's
+    file pages dropped once copied: the process never holds a whole stored tensor beside its float32
+    copy (a 70B MLP matrix is 0.47 GB in bf16, 0.94 GB in float32)."""
+    out = torch.empty(t.shape, dtype=torch.float32, device=device)
+    if t.dim() == 0 or t.numel() == 0:
+        return out.copy_(t)
+    rows = max(1, (64 << 20) // max(1, t[0].numel() * t.element_size()))
+    for a in range(0, t.shape[0], rows):
+        src = t[a : a + rows]
+        out[a : a + rows].copy_(src)
+        drop_pages(src.data_ptr(), src.numel() * src.element_size())
+    return out
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
