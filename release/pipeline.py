@@ -38,7 +38,7 @@ from release.atomic import atomic_file
 from release.errors import BadInputError, CheckFailedError
 from release.licensing import decide
 from release.metadata import ReleaseMetadata
-from release.resources import Need, disk_free, fmt, gpu_free, mem_available
+from release.resources import Need, disk_free, fmt, gpu_free, mem_available, vm_hwm
 
 STEPS_DIR = ".steps"
 WORK_DIR = ".work"
@@ -503,6 +503,7 @@ def build(
     pending = list(plan.steps)
     running: dict[str, tuple[subprocess.Popen, Step, str, float]] = {}
     budget = mem_available()
+    peaks: dict[str, int] = {}
     while pending or running:
         progressed = False
         for step in list(pending):
@@ -547,9 +548,11 @@ def build(
             pending.remove(step)
             progressed = True
         for name, (proc, step, inputs, t0) in list(running.items()):
-            peak = _reap(proc)
-            if peak is None:
+            peaks[name] = max(peaks.get(name, 0), vm_hwm(proc.pid))  # sampled every 50 ms while it runs
+            exit_peak = _reap(proc)
+            if exit_peak is None:
                 continue
+            peak = peaks.pop(name) or exit_peak
             out, _ = proc.communicate()
             log = logs / f"{name}.log"
             del running[name]
@@ -607,8 +610,8 @@ def check_fits(plan: Plan, records: Records | None) -> None:
 
 
 def _reap(proc: subprocess.Popen) -> int | None:
-    """Peak RSS (bytes) of a finished step, with its exit status set; None while it runs.
-    ``wait4`` gives the child's own resource usage, which ``Popen.poll`` throws away."""
+    """``wait4``'s peak RSS (bytes) of a finished step, with its exit status set; None while it
+    runs. A fallback only: it includes the parent's peak at fork (see ``resources.vm_hwm``)."""
     try:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
     except ChildProcessError:  # already reaped elsewhere

@@ -44,6 +44,20 @@ def rss_anon() -> int:
     return 0
 
 
+def vm_hwm(pid: int) -> int:
+    """Peak resident memory (VmHWM) of a live process since it exec'd its program; 0 once gone.
+
+    Not ``wait4``'s ru_maxrss: Linux carries a parent's peak into a forked child across exec, so a
+    step started from a process holding 4 GB would report at least 4 GB whatever it did."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def gpu_free() -> int | None:
     """Free memory of the current CUDA device, or None without one (never initialises CUDA twice)."""
     try:
@@ -65,7 +79,7 @@ def disk_free(path: Path) -> int:
 
 
 def fmt(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 @dataclass(frozen=True)

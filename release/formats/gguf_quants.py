@@ -60,9 +60,7 @@ def _output(nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
-def quantize(
-    t: torch.Tensor, qtype: Q, threads: int | None = None, out: np.ndarray | None = None
-) -> np.ndarray | None:
+def quantize(t: torch.Tensor, qtype: Q, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray | None:
     """GGUF bytes of ``t`` (any float dtype; rows along the last dimension), shaped like
     ``gguf.quants.quantize``'s result; None when ggml is not available for this type. The result
     is a view of ``out`` (flat uint8, large enough) when given, else of a buffer this thread reuses

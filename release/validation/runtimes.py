@@ -145,9 +145,9 @@ def check_gptq_fits(path: Path, device: str, tokens: int) -> None:
     gpu = gpu_free() if on_gpu else None
     ram = mem_available()
     if not fits(need, ram=ram, gpu=gpu):
-        where = f"{fmt(ram)} RAM available" + (f", {fmt(gpu)} GPU memory free" if on_gpu else "")
-        if on_gpu and gpu is None:
-            where = "no CUDA device"
+        where = f"{fmt(ram)} RAM available"
+        if on_gpu:
+            where += f", {fmt(gpu)} GPU memory free" if gpu is not None else ", no CUDA device"
         raise BadInputError(
             f"{path}: validating this GPTQ model needs about {need.describe()}; {where}",
             hint="GPTQ runs whole on one device: use a GPU with that much memory (--device cuda)",
