@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,8 +29,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def worker(argv: list[str]) -> None:
     """One measured run in this process; prints one JSON line."""
-    import resource
-
     import torch
 
     kind, *rest = argv
@@ -60,7 +59,9 @@ def worker(argv: list[str]) -> None:
         out = {"result": {k: v for k, v in r.to_dict().items() if k in ("variant", "seconds")}}
     out["seconds"] = round(time.monotonic() - t0, 2)
     out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None
-    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
+    from release.resources import vm_hwm  # this image's own peak (ru_maxrss counts the parent's too)
+
+    out["peak_rss_gb"] = round(vm_hwm(os.getpid()) / 1e9, 3)
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -21,27 +21,27 @@ PY_BASE = int(0.8 * GB)
 STREAM_BASE = int(0.4 * GB)
 
 
-def mem_available() -> int:
-    """MemAvailable from /proc/meminfo (what the kernel can give without swapping)."""
+def _proc_kb(path: str, key: str) -> int | None:
+    """A ``Key:   123 kB`` line of a /proc file, in bytes; None when absent or unreadable."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 * GB
+    return None
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping)."""
+    found = _proc_kb("/proc/meminfo", "MemAvailable")
+    return 8 * GB if found is None else found
 
 
 def rss_anon() -> int:
     """This process's anonymous resident memory (RssAnon): what it allocated, without the pages of
     files it maps (llama.cpp maps a GGUF file: those pages are page cache the kernel can drop)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_kb("/proc/self/status", "RssAnon") or 0
 
 
 def vm_hwm(pid: int) -> int:
@@ -49,13 +49,7 @@ def vm_hwm(pid: int) -> int:
 
     Not ``wait4``'s ru_maxrss: Linux carries a parent's peak into a forked child across exec, so a
     step started from a process holding 4 GB would report at least 4 GB whatever it did."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_kb(f"/proc/{pid}/status", "VmHWM") or 0
 
 
 def gpu_free() -> int | None:

@@ -41,7 +41,7 @@ def build_command(
     release file fails before any heavy work, and so does a plan that cannot fit this machine: each
     step's memory, GPU memory and disk are estimated from the model's shapes and checked against
     what is available (the reference and transformers validation run one decoder layer at a time
-    when the float32 model does not fit, so a 7B model needs ~3 GB and a 70B one ~6 GB). Each
+    when the float32 model does not fit, so a 7B model needs ~2 GB and a 70B one ~4.5 GB). Each
     step's stderr goes to DIST/<name>-<version>/.work/logs/<step>.log. Exit codes: 0 built and every variant passed, 1 a
     validation or license check failed, 2 bad input."""
     from release.pipeline import build

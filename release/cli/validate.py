@@ -25,7 +25,7 @@ def reference_command(
     forward: str = typer.Option(
         "auto",
         "--forward",
-        help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~5 GB), "
+        help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~4.5 GB), "
         "or auto: resident when it fits the device's free memory.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -74,7 +74,7 @@ def validate_command(
     forward: str = typer.Option(
         "auto",
         "--forward",
-        help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~5 GB), "
+        help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~4.5 GB), "
         "or auto: resident when it fits the device's free memory.",
     ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),

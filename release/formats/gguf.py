@@ -255,7 +255,13 @@ class GGUFFile:
         start += -start % self._w.data_alignment  # where write_tensor_data puts it, after padding
         self.offsets[pt.name] = (start, out.nbytes)
         self.digests[pt.name] = digest
-        self._pending = self._writer.submit(self._w.write_tensor_data, out)
+        base, size = data.t.data_ptr(), data.t.numel() * data.t.element_size()
+        if base <= out.ctypes.data < base + size:
+            # The bytes are the memory-mapped source itself (BF16 from bf16): write them now, before
+            # the reader drops those pages; a later write would fault them back in for good.
+            self._w.write_tensor_data(out)
+        else:
+            self._pending = self._writer.submit(self._w.write_tensor_data, out)
 
     def _buffer(self, q: Q, pt: PlannedTensor) -> np.ndarray | None:
         """The free one of two output buffers sized for the largest tensor (types ggml quantizes)."""
