@@ -27,6 +27,7 @@ import json, os, sys
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 from gptqmodel import GPTQModel, QuantizeConfig
 src, out, windows, device, group = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4], int(sys.argv[5])
+os.chdir(os.path.dirname(os.path.abspath(out)))  # GPTQModel writes ./logs/gptq_log_*.log: not in the checkout
 model = GPTQModel.load(src, QuantizeConfig(bits=4, group_size=group, desc_act=False, sym=True), device=device)
 model.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows], batch_size=1)
 model.save(out)

@@ -202,3 +202,10 @@ def test_same_seed_gives_the_same_checkpoint(tiny, smollm2, tmp_path):
         Path(two.output) / "model.safetensors"
     ).read_bytes()
     assert one.variant == "gptq-4bit-g64" and one.source_checkpoint_hash == two.source_checkpoint_hash
+
+
+def test_gptqmodel_writes_no_logs_into_the_working_directory(smollm2_gptq):
+    """GPTQModel 7.7 writes ./logs/gptq_log_*.log relative to the working directory; the gptq command
+    points it into its temporary folder (a stray log once landed in the repository)."""
+    assert smollm2_gptq.output and Path(smollm2_gptq.output).is_dir()
+    assert not (Path.cwd() / "logs").exists(), sorted(p.name for p in (Path.cwd() / "logs").iterdir())

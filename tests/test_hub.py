@@ -178,6 +178,7 @@ def _fetch_refused(cli, hub, tmp_path, release, *needles: str, key: bool = False
     assert r.exit_code == 1, r.stdout + r.stderr
     for n in needles:
         assert n in r.stderr, r.stderr
+    assert ".partial-" not in r.stderr and str(out.parent) + "/." not in r.stderr  # no temporary folder named
     assert not out.exists() and not leftovers(tmp_path)
 
 
@@ -193,7 +194,7 @@ def test_fetch_refuses_a_tampered_repository(cli, release, hub, tmp_path):
     data[len(data) // 2] ^= 0x01
     original = blob.read_bytes()
     blob.write_bytes(bytes(data))
-    _fetch_refused(cli, hub, tmp_path, release, f"changed: {gguf_name}")
+    _fetch_refused(cli, hub, tmp_path, release, f"{REPO}-GGUF@main (commit ", f"changed: {gguf_name}")
     blob.write_bytes(original)
     # 2. A file added that the manifest does not list.
     api.create_commit(repo, [CommitOperationAdd("extra.py", b"print('hi')\n")], commit_message="add")

@@ -308,7 +308,8 @@ def fetch(
             if MANIFEST not in remote:
                 raise CheckFailedError(f"{repo_id}@{revision}: no {MANIFEST}; not a model-release release")
             hf_hub_download(repo_id, MANIFEST, revision=commit, local_dir=tmp, endpoint=url, token=token)
-        manifest = load_manifest(tmp / MANIFEST)
+        with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
+            manifest = load_manifest(tmp / MANIFEST)
         if variant not in manifest["variants"]:
             raise BadInputError(
                 f"{repo_id} has no variant {variant!r}", hint=f"variants: {', '.join(sorted(manifest['variants']))}"
@@ -330,21 +331,34 @@ def fetch(
                 reporter.advance(listed[p]["size"] if p in listed else 0)
         reporter.done()
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local_dir bookkeeping
-        check_files(tmp, manifest, only=set(needed))
         signature_checked = False
-        if public_key is not None:
-            if not (tmp / SIGNATURE).is_file():
-                raise CheckFailedError(f"{repo_id}@{revision}: no signature ({SIGNATURE}) to check")
-            from release.signing import verify_subset
+        with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
+            check_files(tmp, manifest, only=set(needed))
+            if public_key is not None:
+                if not (tmp / SIGNATURE).is_file():
+                    raise CheckFailedError(f"{repo_id}@{revision}: no signature ({SIGNATURE}) to check")
+                from release.signing import verify_subset
 
-            digests = {p: listed[p]["sha256"] for p in needed} | {MANIFEST: sha256_file(tmp / MANIFEST)}
-            verify_subset(tmp, public_key, digests)  # the manifest itself must be signed as it is
-            signature_checked = True
-        elif SIGNATURE in remote:
+                digests = {p: listed[p]["sha256"] for p in needed} | {MANIFEST: sha256_file(tmp / MANIFEST)}
+                verify_subset(tmp, public_key, digests)  # the manifest itself must be signed as it is
+                signature_checked = True
+        if public_key is None and SIGNATURE in remote:
             warnings.append("the release is signed but no --public-key was given: the signature was not checked")
         revalidated = _revalidate(tmp, manifest, variant, needed, reporter) if revalidate else None
     return FetchResult(repo_id, variant, revision, commit, str(out), needed, total, True, signature_checked,
                        revalidated, warnings, round(time.monotonic() - started, 2))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _named_for_user(tmp: Path, what: str) -> Iterator[None]:
+    """Checks run on the download's temporary folder; their errors name what the user asked for
+    (repository, revision, commit, -o) instead of that folder, which is gone when they read it."""
+    try:
+        yield
+    except ReleaseError as exc:
+        exc.message = exc.message.replace(f"{tmp}/", f"{what}: ").replace(str(tmp), what)
+        exc.args = (exc.message,)
+        raise
 
 
 def _revalidate(folder: Path, manifest: dict[str, Any], variant: str, files: list[str], reporter: Reporter) -> dict:
