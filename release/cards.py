@@ -85,6 +85,17 @@ def _validation(path: Path) -> dict[str, Any] | None:
     return json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
 
 
+def kl_plots(folder: Path, kind: str) -> list[tuple[str, str]]:
+    """(label, path in the repository) of the per-token KL histograms `validate` drew. A GGUF
+    folder holds one per file; a model or GPTQ folder gets its `validation.kl.png` from the
+    manifest step, which copies it in from beside the folder."""
+    if kind == "gguf":
+        return [(p.name.removesuffix(".kl.png"), p.name) for p in sorted(folder.glob("*.kl.png"))]
+    beside = folder.parent / f"{folder.name}.kl.png"
+    inside = folder / "validation.kl.png"
+    return [(folder.name, "validation.kl.png")] if beside.is_file() or inside.is_file() else []
+
+
 def files_table(folder: Path, kind: str, parameters: int) -> tuple[str, list[dict[str, Any]]]:
     """Markdown table of the weight files with size, sha256 and validation results."""
     rows = []
@@ -188,7 +199,8 @@ def license_section(decision: LicenseDecision, meta: ReleaseMetadata) -> str:
     shipped = ", ".join(f"`{f.name}`" for f in decision.files)
     lines = [
         f"The weights are released under the [{w['name']}]({w['link']}) (`{decision.weights_license}`): "
-        f"see {shipped} in this repository, which ship with every copy.",
+        f"see {shipped} in this repository, which {'ships' if len(decision.files) == 1 else 'ship'} "
+        "with every copy.",
     ]
     if decision.inherited:
         for lic, bases in decision.inherited.items():
@@ -245,7 +257,8 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
         check_front_matter(fm, str(folder))
         common = {
             "name": name, "version": meta.version, "description": meta.description, "advisory": advisory,
-            "files_table": table, "repo_id": this_repo, "license_section": license_section(decision, meta),
+            "files_table": table, "kl_plots": kl_plots(folder, kind), "repo_id": this_repo,
+            "license_section": license_section(decision, meta),
             "citation": meta.citation, "example_prompt": "What are the first-line treatments for hypertension?",
         }  # fmt: skip
         if kind == "model":

@@ -172,7 +172,11 @@ def test_provided_files_table_matches_the_files(tmp_path, tiny, cli):
     root = release_dir(tmp_path, tiny, SMOL, gguf_dir=True)
     report = {"passed": True, "metrics": {"kl_mean": 0.00524, "top1_agreement": 0.952}}
     (root / "gguf" / "m-Q8_0.validation.json").write_text(json.dumps(report))
+    (root / "gguf" / "m-Q8_0.kl.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     assert cli("card", root).exit_code == 0
+    gguf_card = (root / "gguf" / "README.md").read_text()
+    assert "![KL per token, m-Q8_0](m-Q8_0.kl.png)" in gguf_card  # the published plot is shown
+    assert "see `LICENSE` in this repository, which ships with every copy." in gguf_card
     for folder, pattern in ((root / "model", "*.safetensors"), (root / "gguf", "*.gguf")):
         text = (folder / "README.md").read_text()
         rows = re.findall(

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from release.atomic import atomic_file
+from release.validation.result import VariantResult
 
 if TYPE_CHECKING:
     from release.validation.reference import Reference
-    from release.validation.validate import VariantResult
 
 
 def report_paths(variant: Path) -> dict[str, Path]:

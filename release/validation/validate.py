@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +17,8 @@ from release.resources import rss_anon
 from release.validation.metrics import Accumulator, compare_prompt
 from release.validation.reference import Reference, load_prompts, load_reference
 from release.validation.report import write_reports
+from release.validation.result import VariantResult
 from release.validation.runtimes import Runtime, open_runtime
-
-
-@dataclass
-class VariantResult:
-    variant: str
-    format: str
-    runtime: str
-    kind: str
-    passed: bool
-    metrics: dict[str, float]
-    thresholds: dict[str, float | None]
-    failures: list[str]
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    seconds_per_1000_tokens: float = 0.0
-    forward: str = ""  # transformers: resident or streamed (one layer at a time)
-    peak_anon_rss_bytes: int = 0  # sampled after each prompt; excludes mapped model files (llama.cpp)
-    reports: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

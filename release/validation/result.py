@@ -1,0 +1,24 @@
+"""One variant's validation result: what ``validate`` produces and ``report`` writes out (its own
+module so that the two depend on it, and not on each other)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    format: str
+    runtime: str
+    kind: str
+    passed: bool
+    metrics: dict[str, float]
+    thresholds: dict[str, float | None]
+    failures: list[str]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_per_1000_tokens: float = 0.0
+    forward: str = ""  # transformers: resident or streamed (one layer at a time)
+    peak_anon_rss_bytes: int = 0  # sampled after each prompt; excludes mapped model files (llama.cpp)
+    reports: dict[str, str] = field(default_factory=dict)
