@@ -80,9 +80,14 @@ def repo_id(url: str | None, fallback: str) -> str:
 
 
 def _validation(path: Path) -> dict[str, Any] | None:
-    base = path.with_suffix("") if path.is_file() else path
-    report = base.parent / f"{base.name}.validation.json"
-    return json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+    from release.validation.report import find_folder_report
+
+    if path.is_dir():
+        report = find_folder_report(path, ".validation.json")
+    else:
+        base = path.with_suffix("") if path.is_file() else path
+        report = base.parent / f"{base.name}.validation.json"
+    return json.loads(report.read_text(encoding="utf-8")) if report is not None and report.is_file() else None
 
 
 def kl_plots(folder: Path, kind: str) -> list[tuple[str, str]]:
@@ -91,9 +96,10 @@ def kl_plots(folder: Path, kind: str) -> list[tuple[str, str]]:
     manifest step, which copies it in from beside the folder."""
     if kind == "gguf":
         return [(p.name.removesuffix(".kl.png"), p.name) for p in sorted(folder.glob("*.kl.png"))]
-    beside = folder.parent / f"{folder.name}.kl.png"
-    inside = folder / "validation.kl.png"
-    return [(folder.name, "validation.kl.png")] if beside.is_file() or inside.is_file() else []
+    from release.validation.report import find_folder_report
+
+    made = find_folder_report(folder, ".kl.png") or (folder / "validation.kl.png").is_file()
+    return [(folder.name, "validation.kl.png")] if made else []
 
 
 def files_table(folder: Path, kind: str, parameters: int) -> tuple[str, list[dict[str, Any]]]:

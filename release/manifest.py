@@ -106,10 +106,12 @@ def write_manifest(
     kind = folder_kind(folder)
     if kind is None:
         raise BadInputError(f"{folder}: not a release folder (safetensors model, GGUF files or GPTQ folder)")
-    for suffix in (".validation.json", ".validation.md", ".kl.png"):  # reports `validate` wrote beside it
-        beside = folder.parent / f"{folder.name}{suffix}"
-        if kind != "gguf" and beside.is_file():
-            shutil.copyfile(beside, folder / f"validation{suffix.removeprefix('.validation')}")
+    from release.validation.report import find_folder_report
+
+    for suffix in (".validation.json", ".validation.md", ".kl.png"):  # reports `validate` wrote
+        made = find_folder_report(folder, suffix) if kind != "gguf" else None
+        if made is not None:
+            shutil.copyfile(made, folder / f"validation{suffix.removeprefix('.validation')}")
     if reference is not None:
         shutil.copyfile(reference, folder / REFERENCE)
     decision = decide(meta)

@@ -39,6 +39,7 @@ from release.errors import BadInputError, CheckFailedError
 from release.licensing import decide
 from release.metadata import ReleaseMetadata
 from release.resources import Need, disk_free, fmt, gpu_free, mem_available, vm_hwm
+from release.validation.report import RELEASE_REPORTS, report_paths
 
 STEPS_DIR = ".steps"
 WORK_DIR = ".work"
@@ -369,11 +370,11 @@ def plan_build(
         v["validate"] = f"validate-{v['family']}" + (f"-{v['name']}" if v["family"] == "gguf" else "")
         over = thresholds.get(_kind(v, st), {})
         args = [*cli, "validate", str(v["path"]), "-r", str(ref), "--device", ref_device, "--forward", forward]
+        reports_dir = None if v["family"] == "gguf" else dist / RELEASE_REPORTS
+        args += ["--reports-dir", str(reports_dir)] if reports_dir is not None else []
         args += ["--max-kl", str(over["max_kl_mean"])] if "max_kl_mean" in over else []
         args += ["--min-top1", str(over["min_top1"])] if "min_top1" in over else []
-        path = Path(v["path"])
-        base = path.with_suffix("") if path.suffix == ".gguf" else path
-        reports = [base.parent / f"{base.name}{s}" for s in (".validation.json", ".validation.md", ".kl.png")]
+        reports = list(report_paths(Path(v["path"]), reports_dir).values())
         steps.append(Step(v["validate"], v["family"], args, {"thresholds": over}, [v["after"], "reference"],
                           lambda r=reports: r, _validate_need(v["family"], shape, tokens, ref_device, forward_need),
                           ok_codes=(0, 1)))  # fmt: skip

@@ -76,6 +76,13 @@ def test_builds_the_whole_release(full, cli):
     assert rows[("safetensors", "keep")]["kl_mean"] < 1e-9
     folders = {p.name for p in dist.iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert folders == {NAME, f"{NAME}-GGUF", f"{NAME}-GPTQ"}
+    # Each report once, where it is published: inside the folders (GGUF: beside each file), none
+    # at the release root.
+    assert sorted(p.name for p in dist.iterdir() if not p.name.startswith(".")) == sorted([*folders, "release.yaml"])
+    for f in (NAME, f"{NAME}-GPTQ"):
+        assert {"validation.json", "validation.md", "validation.kl.png"} <= {p.name for p in (dist / f).iterdir()}
+        assert f"![KL per token, {f}](validation.kl.png)" in (dist / f / "README.md").read_text()
+    assert (dist / f"{NAME}-GGUF" / f"{NAME}-Q8_0.kl.png").is_file()
     for f in folders:
         manifest = json.loads((dist / f / "release-manifest.json").read_text())
         assert all(v and v["passed"] for v in manifest["variants"].values())

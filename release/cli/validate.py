@@ -77,6 +77,9 @@ def validate_command(
         help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~4.5 GB), "
         "or auto: resident when it fits the device's free memory.",
     ),
+    reports_dir: Path | None = typer.Option(
+        None, "--reports-dir", help="Where a folder variant's reports go (default: beside the folder)."
+    ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
@@ -98,6 +101,7 @@ def validate_command(
             prompts_file=prompts,
             device=device,
             forward=forward,
+            reports_dir=reports_dir,
             reporter=rep,
         ),
         as_json=as_json,

@@ -16,15 +16,32 @@ if TYPE_CHECKING:
     from release.validation.reference import Reference
 
 
-def report_paths(variant: Path) -> dict[str, Path]:
-    """``X.gguf`` -> ``X.validation.json`` ...; a folder ``F`` -> ``F.validation.json`` beside it
-    (not inside: the folder is what gets published)."""
-    base = variant.with_suffix("") if (variant.is_file() or variant.suffix == ".gguf") else variant
+# In a release directory, the reports of its folder variants (the model, GPTQ): not beside the
+# folders at the release root, where they would sit next to the copies the manifest step puts
+# inside each folder (the place they are published).
+RELEASE_REPORTS = Path(".work") / "reports"
+
+
+def report_paths(variant: Path, reports_dir: Path | None = None) -> dict[str, Path]:
+    """``X.gguf`` -> ``X.validation.json`` ... beside it; a folder ``F`` -> ``F.validation.json``
+    beside it, or in ``reports_dir`` (never inside: the folder's files are what gets published)."""
+    is_file = variant.is_file() or variant.suffix == ".gguf"
+    base = variant.with_suffix("") if is_file else variant
+    parent = Path(reports_dir) if (reports_dir is not None and not is_file) else base.parent
     return {
-        "json": base.parent / f"{base.name}.validation.json",
-        "markdown": base.parent / f"{base.name}.validation.md",
-        "plot": base.parent / f"{base.name}.kl.png",
+        "json": parent / f"{base.name}.validation.json",
+        "markdown": parent / f"{base.name}.validation.md",
+        "plot": parent / f"{base.name}.kl.png",
     }
+
+
+def find_folder_report(folder: Path, suffix: str) -> Path | None:
+    """Where `validate` left a folder variant's report (``suffix``: .validation.json, .kl.png ...):
+    beside the folder, or in the release directory's ``RELEASE_REPORTS``."""
+    for parent in (folder.parent, folder.parent / RELEASE_REPORTS):
+        if (parent / f"{folder.name}{suffix}").is_file():
+            return parent / f"{folder.name}{suffix}"
+    return None
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
@@ -41,8 +58,10 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(variant: Path, res: VariantResult, kl: np.ndarray, ref: Reference) -> dict[str, str]:
-    paths = report_paths(variant)
+def write_reports(
+    variant: Path, res: VariantResult, kl: np.ndarray, ref: Reference, reports_dir: Path | None = None
+) -> dict[str, str]:
+    paths = report_paths(variant, reports_dir)
     data = {k: v for k, v in asdict(res).items() if k != "reports"}
     data["reference"] = {
         "file": str(ref.path),

@@ -107,6 +107,7 @@ def validate(
     device: str = "cpu",
     forward: str = "auto",
     write: bool = True,
+    reports_dir: Path | None = None,
     reporter: Reporter = NULL,
 ) -> ValidationResult:
     """Compare each variant with the reference and write each one's reports. The caller turns a
@@ -169,7 +170,7 @@ def validate(
                 from release.formats.gguf import set_name
 
                 path = path.with_name(set_name(path.name))
-            res.reports = write_reports(path, res, acc.kl_values(), ref)
+            res.reports = write_reports(path, res, acc.kl_values(), ref, reports_dir)
         results.append(res)
     return ValidationResult(reference=str(reference), passed=all(r.passed for r in results), variants=results)
 
