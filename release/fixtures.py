@@ -9,10 +9,12 @@ Both live in the user cache, outside the repo, and every file is re-checked by h
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +97,14 @@ def _build(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    from release.capture import capture_fd
+
+    # transformers draws a de-quantization bar with tqdm straight onto fd 2: keep it off the
+    # terminal and out of CI logs (our reporter shows the fixture's progress); --verbose shows it.
+    quiet = capture_fd(2) if "--verbose" not in sys.argv else contextlib.nullcontext()
+    with quiet:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     cfg = loaded.config.to_dict()
     cfg.pop("quantization_config", None)
     config = LlamaConfig.from_dict(cfg)
