@@ -109,7 +109,7 @@ def files_table(folder: Path, kind: str, parameters: int) -> tuple[str, list[dic
     folder_report = _validation(folder) if kind != "gguf" else None
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     if kind == "gguf":
-        from release.formats.gguf import set_name
+        from release.formats.gguf_names import set_name
 
         set_bytes: dict[str, int] = {}  # a split set counts as one variant: bits from all its parts
         for f in weights:

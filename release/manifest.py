@@ -120,7 +120,8 @@ def write_manifest(
     variants: dict[str, Any] = {}
     files = []
     if kind == "gguf":
-        from release.formats.gguf import SPLIT_SUFFIX, gguf_types, set_name
+        from release.formats.gguf import gguf_types
+        from release.formats.gguf_names import set_name
 
         known = list(gguf_types())
         stems: dict[str, str] = {}  # a variant's file stem -> its type; its reports share the stem
@@ -137,7 +138,7 @@ def write_manifest(
     for p in listed:
         rel = p.relative_to(folder).as_posix()
         if kind == "gguf":
-            name = SPLIT_SUFFIX.sub(".gguf", p.name)
+            name = set_name(p.name)
             variant = next((t for stem, t in stems.items() if name.startswith(f"{stem}.")), None)
         else:
             variant = None if rel in _DOCS or rel.startswith("validation") else next(iter(variants))

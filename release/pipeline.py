@@ -36,6 +36,7 @@ import jsonschema
 from release.architectures import data_file
 from release.atomic import atomic_file
 from release.errors import BadInputError, CheckFailedError
+from release.formats.gguf_names import set_name, variant_files
 from release.licensing import decide
 from release.metadata import ReleaseMetadata
 from release.resources import Need, disk_free, fmt, gpu_free, mem_available, vm_hwm
@@ -250,13 +251,6 @@ class Records:
         return _digest(rec["files"]) if rec else "missing"
 
 
-def _gguf_files(path: Path) -> list[Path]:
-    """A GGUF variant's file, or its split parts."""
-    from release.formats.gguf import variant_files
-
-    return variant_files(path)
-
-
 def _itemsize(dtype: str, shape: Any) -> int:
     if dtype in ("fp32", "float32"):
         return 4
@@ -266,13 +260,11 @@ def _itemsize(dtype: str, shape: Any) -> int:
 
 
 def _forward_mode(shape: Any, tokens: int, device: str) -> str:
-    """Resident when the float32 model fits in 80% of what is free, else streamed (bit-identical)."""
+    """The forward pass's own ``auto`` rule, decided here so the estimate and the run agree."""
     from release import resources as res
 
     gpu = res.gpu_free() if device == "cuda" else None
-    need = res.forward_need(shape, tokens, device, "resident")
-    room = res.fits(need, ram=int(res.mem_available() * 0.8), gpu=int(gpu * 0.8) if gpu is not None else None)
-    return "resident" if room else "streamed"
+    return "resident" if res.resident_fits(shape, tokens, device, res.mem_available(), gpu) else "streamed"
 
 
 def _validate_need(family: str, shape: Any, tokens: int, device: str, forward_need: Need) -> Need:
@@ -346,7 +338,7 @@ def plan_build(
             if split:
                 args += ["--split-max-size", str(split)]
             spec = known.get(t.upper(), {"bpw": 16, "via": "gguf"})
-            steps.append(Step(f"gguf-{t}", "gguf", args, {"meta": release}, ["convert"], lambda o=out: _gguf_files(o),
+            steps.append(Step(f"gguf-{t}", "gguf", args, {"meta": release}, ["convert"], lambda o=out: variant_files(o),
                               res.gguf_need(shape, spec["bpw"], spec["via"])))  # fmt: skip
             variants.append({"name": t, "family": "gguf", "path": out, "after": f"gguf-{t}"})
 
@@ -455,8 +447,6 @@ def _tidy(plan: Plan, rf: ReleaseFile) -> None:
     gguf_dir = plan.dist / f"{rf.name}-GGUF"
     keep = {Path(v["path"]).name for v in plan.variants if v["family"] == "gguf"}
     if gguf_dir.is_dir():
-        from release.formats.gguf import set_name
-
         for f in list(gguf_dir.iterdir()):
             logical = set_name(f.name)
             if f.name.endswith(".gguf") and logical not in keep and f.exists():
@@ -652,7 +642,7 @@ def _variant_rows(plan: Plan, results: dict[str, StepResult]) -> list[dict[str, 
     for v in plan.variants:
         path = Path(v["path"])
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".gguf")) \
-            if path.is_dir() else sum(f.stat().st_size for f in _gguf_files(path))  # fmt: skip
+            if path.is_dir() else sum(f.stat().st_size for f in variant_files(path))  # fmt: skip
         r = results.get(v["validate"])
         row: dict[str, Any] = {"variant": v["name"], "family": v["family"], "path": str(path), "bytes": size}
         variants = (r.output.get("variants") or []) if r else []

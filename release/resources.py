@@ -12,13 +12,14 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from release.checkpoint import TensorPlan
 
 GB = 1 << 30
 # Resident set of a step process with torch + transformers imported, before any weight (measured: 0.69 GB).
 PY_BASE = int(0.8 * GB)
-# llama.cpp's quantizer and the GGUF writer stream tensors; their fixed part (numpy, gguf, llama.cpp).
-STREAM_BASE = int(0.4 * GB)
 
 
 def _proc_kb(path: str, key: str) -> int | None:
@@ -115,29 +116,33 @@ def model_shape(src: Path) -> ModelShape:
     from release.checkpoint import open_checkpoint, plan_tensors
 
     with open_checkpoint(src) as ckpt:
-        plan = plan_tensors(ckpt)
-        values: dict[str, Any] = plan.architecture.values
-        per_layer: dict[str, int] = {}
-        head = 0
-        for ref in plan.tensors:
-            parts = ref.name.split(".")
-            if "layers" in parts:
-                i = parts.index("layers")
-                key = ".".join(parts[: i + 2])
-                per_layer[key] = per_layer.get(key, 0) + ref.numel
-            if ref.name == "lm_head.weight" or (ref.name.endswith("embed_tokens.weight") and not head):
-                head = max(head, ref.numel)
-        return ModelShape(
-            parameters=plan.parameters,
-            stored_bytes=sum(r.nbytes for r in plan.tensors),
-            largest_layer_params=max(per_layer.values(), default=0),
-            largest_tensor_params=max((r.numel for r in plan.tensors), default=0),
-            head_params=head,
-            hidden=int(values["hidden_size"]),
-            intermediate=int(values.get("intermediate_size") or 4 * int(values["hidden_size"])),
-            vocab=int(values["vocab_size"]),
-            layers=plan.architecture.num_layers,
-        )
+        return plan_shape(plan_tensors(ckpt))
+
+
+def plan_shape(plan: TensorPlan) -> ModelShape:
+    """Shapes of an already planned checkpoint (for callers that hold one open)."""
+    values: dict[str, Any] = plan.architecture.values
+    per_layer: dict[str, int] = {}
+    head = 0
+    for ref in plan.tensors:
+        parts = ref.name.split(".")
+        if "layers" in parts:
+            i = parts.index("layers")
+            key = ".".join(parts[: i + 2])
+            per_layer[key] = per_layer.get(key, 0) + ref.numel
+        if ref.name == "lm_head.weight" or (ref.name.endswith("embed_tokens.weight") and not head):
+            head = max(head, ref.numel)
+    return ModelShape(
+        parameters=plan.parameters,
+        stored_bytes=sum(r.nbytes for r in plan.tensors),
+        largest_layer_params=max(per_layer.values(), default=0),
+        largest_tensor_params=max((r.numel for r in plan.tensors), default=0),
+        head_params=head,
+        hidden=int(values["hidden_size"]),
+        intermediate=int(values.get("intermediate_size") or 4 * int(values["hidden_size"])),
+        vocab=int(values["vocab_size"]),
+        layers=plan.architecture.num_layers,
+    )
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,13 @@ def fits(need: Need, *, ram: int | None = None, gpu: int | None = None) -> bool:
     if need.ram > ram:
         return False
     return not (need.gpu and (gpu is None or need.gpu > gpu))
+
+
+def resident_fits(shape: ModelShape, tokens: int, device: str, ram: int, gpu: int | None) -> bool:
+    """The ``auto`` rule of the forward pass: resident when the float32 model fits in 80% of what is
+    free (the estimate is a model, not a measurement of the run), streamed otherwise."""
+    need = forward_need(shape, tokens, device, "resident")
+    return fits(need, ram=int(ram * 0.8), gpu=int(gpu * 0.8) if gpu is not None else None)
 
 
 # --- per-step estimates for `build` ----------------------------------------------------------------

@@ -13,7 +13,6 @@ follow llama.cpp's ``convert_hf_to_gguf`` so that files match the reference conv
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import re
@@ -37,6 +36,7 @@ from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
 from release.formats import gguf_quants
+from release.formats.gguf_names import variant_files
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
 from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
@@ -604,24 +604,7 @@ def describe_types() -> str:
     return ", ".join(gguf_types())
 
 
-# --- split sets (llama.cpp's `gguf-split` convention) -------------------------------------------
-
-SPLIT_SUFFIX = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
-
-
-def set_name(filename: str) -> str:
-    """``m-F16-00002-of-00003.gguf`` -> ``m-F16.gguf``: the name of the variant a part belongs to."""
-    return SPLIT_SUFFIX.sub(".gguf", filename)
-
-
-def variant_files(path: Path) -> list[Path]:
-    """The files of a GGUF variant named ``NAME-TYPE.gguf``: that file, or its split parts in order."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    five = "[0-9]" * 5
-    parts = sorted(path.parent.glob(f"{glob.escape(path.stem)}-{five}-of-{five}.gguf"))
-    return [p for p in parts if set_name(p.name) == path.name]
+# --- split sets (llama.cpp's `gguf-split` convention; names in gguf_names.py) ----------------
 
 
 def split_gguf(path: Path, max_bytes: int) -> list[Path]:

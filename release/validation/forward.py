@@ -34,7 +34,17 @@ import torch
 
 from release.errors import BadInputError
 from release.progress import NULL, Reporter
-from release.resources import ModelShape, fits, fmt, forward_need, gpu_free, mem_available, model_shape
+from release.resources import (
+    ModelShape,
+    fits,
+    fmt,
+    forward_need,
+    gpu_free,
+    mem_available,
+    model_shape,
+    plan_shape,
+    resident_fits,
+)
 from release.tensors import LIBC, SafetensorsFile, drop_pages
 
 MODES = ("auto", "resident", "streamed")
@@ -59,8 +69,7 @@ def choose(src: Path, device: str, mode: str, tokens: int, shape: ModelShape | N
     resident = forward_need(shape, tokens, device, "resident")
     streamed = forward_need(shape, tokens, device, "streamed")
     if mode == "auto":
-        # Leave a fifth of what is free: the estimate is a model, not a measurement of this run.
-        room = fits(resident, ram=int(ram * 0.8), gpu=int(gpu * 0.8) if gpu is not None else None)
+        room = resident_fits(shape, tokens, device, ram, gpu)
         mode = "resident" if room else "streamed"
         reason = (
             f"float32 model ({fmt(shape.fp32_bytes)}) fits"
@@ -129,7 +138,7 @@ class StreamedModel(ForwardModel):
             ).eval()
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
-        shape = model_shape(self.src)
+        shape = plan_shape(plan)  # the checkpoint is open already: no second read of its headers
         # Head chunks no larger than a layer in float32 (at least 64M values).
         self.head_chunk = max(1, max(shape.largest_layer_params, 64 << 20) // int(self.config.hidden_size))
 
@@ -296,4 +305,3 @@ def open_forward(
     finally:
         if isinstance(model, StreamedModel):
             model.close()
-        del model

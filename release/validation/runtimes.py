@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from release.errors import BadInputError
+from release.formats.gguf_names import variant_files
 
 
 def detect(path: Path) -> str:
     """safetensors | gptq | gguf, from what the path holds."""
     path = Path(path)
-    if path.suffix == ".gguf" and (path.is_file() or gguf_parts(path)):
+    if path.suffix == ".gguf" and (path.is_file() or variant_files(path)):
         return "gguf"
     if path.is_dir() and (path / "config.json").is_file():
         try:
@@ -34,13 +35,6 @@ def detect(path: Path) -> str:
     if not path.exists():
         raise BadInputError(f"{path}: no such variant")
     raise BadInputError(f"{path}: not a safetensors folder, GPTQ folder or .gguf file")
-
-
-def gguf_parts(path: Path) -> list[Path]:
-    """A GGUF variant's files: the file itself, or its split set (``NAME-TYPE.gguf`` names the set)."""
-    from release.formats.gguf import variant_files
-
-    return variant_files(path)
 
 
 class Runtime:
@@ -198,7 +192,7 @@ def open_runtime(
     if runtime == "llama.cpp":
         if kind != "gguf":
             raise BadInputError(f"{path}: llama.cpp runs GGUF files, this is a {kind} variant")
-        return kind, LlamaCppRuntime(gguf_parts(path)[0])  # llama.cpp finds a split set's other parts
+        return kind, LlamaCppRuntime(variant_files(path)[0])  # llama.cpp finds a split set's other parts
     if runtime == "transformers":
         if kind == "gguf":
             raise BadInputError(f"{path}: validate GGUF files in llama.cpp (--runtime llama.cpp or auto)")

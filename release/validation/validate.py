@@ -167,7 +167,7 @@ def validate(
         )
         if write:
             if fmt == "gguf":  # one report per variant, named after the set when it is split
-                from release.formats.gguf import set_name
+                from release.formats.gguf_names import set_name
 
                 path = path.with_name(set_name(path.name))
             res.reports = write_reports(path, res, acc.kl_values(), ref, reports_dir)
