@@ -273,7 +273,8 @@ def _validate_need(family: str, shape: Any, tokens: int, device: str, forward_ne
     if family == "gguf":
         return res.llama_cpp_validate_need(shape)
     if family == "gptq":
-        return res.gptq_validate_need(shape, device, tokens)
+        stored = int(shape.parameters * 4.25 / 8) + shape.vocab * shape.hidden * 2  # 4-bit, fp16 embeddings
+        return res.gptq_validate_need(stored, shape.forward_activations(tokens), device)
     return forward_need
 
 

@@ -77,6 +77,13 @@ def fmt(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def activations(tokens: int, hidden: int, intermediate: int, vocab: int) -> int:
+    """Float32 activations of one prompt through one layer (attention scores of sdpa in float32
+    included) plus its logits and their float64 log-softmax."""
+    per_layer = tokens * (4 * hidden + 3 * intermediate) * 4 + tokens * tokens * 4 * 8
+    return per_layer + tokens * vocab * (4 + 8 + 8)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The sizes a memory estimate needs, from config.json and tensor headers."""
@@ -96,11 +103,7 @@ class ModelShape:
         return self.parameters * 4
 
     def forward_activations(self, tokens: int) -> int:
-        """Float32 activations of one prompt through one layer (attention scores of sdpa in
-        float32 included) plus its logits and their float64 log-softmax."""
-        per_layer = tokens * (4 * self.hidden + 3 * self.intermediate) * 4 + tokens * tokens * 4 * 8
-        logits = tokens * self.vocab * (4 + 8 + 8)
-        return per_layer + logits
+        return activations(tokens, self.hidden, self.intermediate, self.vocab)
 
     def streamed_forward(self, tokens: int) -> int:
         """One layer in float32, the head in chunks no larger than a layer, activations."""
@@ -224,10 +227,12 @@ def gptq_need(shape: ModelShape, device: str, tokens: int = 256, samples: int = 
     return Need(ram=ram + layer, disk=disk)
 
 
-def gptq_validate_need(shape: ModelShape, device: str, tokens: int) -> Need:
-    work = int(shape.parameters * 4.25 / 8 * 1.3) + shape.vocab * shape.hidden * 2 + shape.forward_activations(tokens)
+def gptq_validate_need(stored: int, act: int, device: str) -> Need:
+    """A GPTQ model runs whole on its device: ``stored`` bytes of files take ~1.3x loaded (scales,
+    g_idx, workspace; measured on SmolLM2 on the CPU), plus ``act`` of activations and logits."""
+    work = int(stored * 1.3) + act
     if device.startswith("cuda"):
-        return Need(ram=PY_BASE + shape.forward_activations(tokens), gpu=work)
+        return Need(ram=PY_BASE + act, gpu=work)
     return Need(ram=PY_BASE + work)
 
 

@@ -125,17 +125,14 @@ class TransformersRuntime(Runtime):
 def check_gptq_fits(path: Path, device: str, tokens: int) -> None:
     """A GPTQ model runs whole on its device (its kernels need the packed layers resident). Refuse,
     naming the sizes, what would otherwise end in the OOM killer."""
-    from release.resources import PY_BASE, Need, fits, fmt, gpu_free, mem_available
+    from release.resources import activations, fits, fmt, gptq_validate_need, gpu_free, mem_available
 
     stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     vocab, hidden = int(config.get("vocab_size", 0)), int(config.get("hidden_size", 0))
-    inter = int(config.get("intermediate_size", 4 * hidden))
-    act = tokens * vocab * 20 + tokens * (4 * hidden + 3 * inter) * 4
-    # Measured on SmolLM2 (CPU): the loaded GPTQ model takes ~1.3x its files (scales, g_idx, workspace).
-    work = int(stored * 1.3) + act
+    act = activations(tokens, hidden, int(config.get("intermediate_size", 4 * hidden)), vocab)
+    need = gptq_validate_need(stored, act, device)
     on_gpu = device.startswith("cuda")
-    need = Need(ram=PY_BASE + (act if on_gpu else work), gpu=work if on_gpu else None)
     gpu = gpu_free() if on_gpu else None
     ram = mem_available()
     if not fits(need, ram=ram, gpu=gpu):
