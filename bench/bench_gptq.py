@@ -45,7 +45,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from release import fixtures
-    from release.formats.gptq import GPTQSettings, build_calibration, choose_group_size, prepare_gptqmodel
+    from release.calibration import build_calibration
+    from release.formats.gptq import GPTQSettings, choose_group_size, prepare_gptqmodel
     from release.validation.reference import build_reference
     from release.validation.validate import validate
 
@@ -54,7 +55,7 @@ def main() -> None:
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cal = build_calibration(None, AutoTokenizer.from_pretrained(src), GPTQSettings(), [])
+    cal = build_calibration(None, AutoTokenizer.from_pretrained(src), seq_len=GPTQSettings().seq_len, warn=[])
     (work / "windows.json").write_text(json.dumps(cal.windows))
     group = choose_group_size(json.loads((src / "config.json").read_text()), None)
     ours = [sys.executable, "-c", "from release.cli import main; main()", "gptq", str(src), "--quiet", "--force"]

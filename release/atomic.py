@@ -71,14 +71,19 @@ def atomic_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_file(target: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is fsynced and renamed to ``target``."""
-    target = Path(target).absolute()
+def check_file_target(target: Path, force: bool) -> None:
+    """Refuse to replace an existing file unless asked to (callers check before slow work)."""
     if target.exists() and not force:
         raise BadInputError(f"output {target} exists", hint="use --force to replace it")
     if target.is_dir():
         raise BadInputError(f"output {target} is a directory")
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is fsynced and renamed to ``target``."""
+    target = Path(target).absolute()
+    check_file_target(target, force)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

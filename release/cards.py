@@ -108,10 +108,10 @@ def files_table(folder: Path, kind: str, parameters: int) -> tuple[str, list[dic
     weights = sorted(folder.glob("*.gguf" if kind == "gguf" else "*.safetensors"))
     folder_report = _validation(folder) if kind != "gguf" else None
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    if kind == "gguf":
-        from release.formats.gguf_names import set_name
+    from release.formats.gguf_names import set_name
 
-        set_bytes: dict[str, int] = {}  # a split set counts as one variant: bits from all its parts
+    set_bytes: dict[str, int] = {}
+    if kind == "gguf":  # a split set counts as one variant: bits from all its parts
         for f in weights:
             set_bytes[set_name(f.name)] = set_bytes.get(set_name(f.name), 0) + f.stat().st_size
     for f in weights:
@@ -139,20 +139,121 @@ def files_table(folder: Path, kind: str, parameters: int) -> tuple[str, list[dic
                 "file": f.name, "format": fmt, "method": method, "bits": bits, "bytes": size, "sha256": sha256_file(f),
                 "kl_mean": m.get("kl_mean"), "top1": m.get("top1_agreement"),
                 "validated": None if report is None else bool(report.get("passed")),
+                "kl_quantiles": (report or {}).get("kl_quantiles") or {},
+                "imatrix": _imatrix_note((report or {}).get("quantization") or {}) if report is not None else None,
+                "set_bytes": set_bytes[set_name(f.name)] if kind == "gguf" else size,
             }
         )  # fmt: skip
+    gguf = kind == "gguf"
     lines = [
-        "| file | format | quant method | bits | size | sha256 | KL | top-1 |",
-        "|---|---|---|---:|---:|---|---:|---:|",
+        "| file | format | quant method | bits | size | sha256 | KL | top-1 |"
+        + (" importance matrix |" if gguf else ""),
+        "|---|---|---|---:|---:|---|---:|---:|" + ("---|" if gguf else ""),
     ]
     for r in rows:
         kl = "not validated" if r["kl_mean"] is None else f"{r['kl_mean']:.2e}"
         top1 = "" if r["top1"] is None else f"{r['top1']:.3f}"
+        im = (f" {r['imatrix'] or 'no'} |" if r["imatrix"] is not None else " ? |") if gguf else ""
         lines.append(
             f"| {r['file']} | {r['format']} | {r['method']} | {r['bits']} | {r['bytes'] / 1e6:.1f} MB | "
-            f"`{r['sha256']}` | {kl} | {top1} |"
+            f"`{r['sha256']}` | {kl} | {top1} |{im}"
         )
     return "\n".join(lines), rows
+
+
+def _imatrix_note(q: dict[str, str]) -> str:
+    """'' when the file was quantized without an importance matrix, else on what text."""
+    if "imatrix.entries_count" not in q and "imatrix.file" not in q:
+        return ""
+    dataset = q.get("imatrix.dataset", "?").removeprefix("model-release:")
+    chunks = q.get("imatrix.chunks_count")
+    return f"yes: {dataset}" + (f", {chunks} chunks" if chunks else "")
+
+
+CONTEXT = 4096  # tokens of context the memory estimates assume
+BUDGETS_GB = (4, 6, 8, 12, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
+
+
+def kv_cache_bytes(config: dict[str, Any], context: int = CONTEXT) -> int:
+    """llama.cpp's default KV cache (f16 keys and values) for ``context`` tokens."""
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)
+    return 2 * int(config.get("num_hidden_layers", 0)) * kv_heads * head_dim * context * 2
+
+
+def choose_section(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """'Which file should I choose': for each memory size, the validated file with the lowest
+    measured KL whose file plus KV cache fits with 1 GB to spare. Computed, not hand-written."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:  # a split set is one choice, named by its first part
+        if r["validated"] and r["kl_mean"] is not None:
+            seen.setdefault(r["method"], r)
+    if not seen:
+        return ""
+    kv = kv_cache_bytes(config)
+    options = sorted(seen.values(), key=lambda r: r["set_bytes"])
+    need = {r["method"]: r["set_bytes"] + kv for r in options}
+    best_overall = min(options, key=lambda r: r["kl_mean"])
+    lines = [
+        f"Memory needed is the file plus llama.cpp's KV cache for a {CONTEXT}-token context "
+        f"({kv / 1e9:.2f} GB in f16 for this model), in RAM on a CPU or in VRAM when every layer is offloaded "
+        "to a GPU. Each row picks, among the files that passed validation, the one with the lowest measured KL "
+        "that fits with 1 GB to spare.",
+        "",
+        "| memory you have | choose | size | memory needed | KL | top-1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    previous = None
+    entries: list[tuple[int, dict[str, Any]]] = []
+    for gb in BUDGETS_GB:
+        fitting = [r for r in options if need[r["method"]] + 1e9 <= gb * 1e9]
+        if not fitting:
+            continue
+        pick = min(fitting, key=lambda r: r["kl_mean"])
+        if previous is None or pick["method"] != previous["method"]:
+            entries.append((gb, pick))
+        previous = pick
+        if pick is best_overall:
+            break
+    if not entries:
+        smallest = options[0]
+        return "\n".join([*lines[:2], f"Even the smallest file ({smallest['method']}) needs "
+                           f"{need[smallest['method']] / 1e9:.1f} GB."])  # fmt: skip
+    for i, (gb, r) in enumerate(entries):
+        upper = entries[i + 1][0] if i + 1 < len(entries) else None
+        span = f"{gb} GB or more" if upper is None else f"{gb} to {upper} GB"
+        lines.append(
+            f"| {span} | {r['method']} | {r['set_bytes'] / 1e9:.2f} GB | {need[r['method']] / 1e9:.2f} GB | "
+            f"{r['kl_mean']:.2e} | {r['top1']:.3f} |"
+        )
+    smallest = options[0]
+    lines += [
+        "",
+        f"Lowest KL: **{best_overall['method']}** ({best_overall['kl_mean']:.2e}). Smallest file that passed "
+        f"validation: **{smallest['method']}** ({smallest['set_bytes'] / 1e9:.2f} GB, KL {smallest['kl_mean']:.2e}).",
+    ]
+    return "\n".join(lines)
+
+
+KL_COMPARISON = "kl-comparison.png"
+
+
+def kl_comparison(folder: Path, rows: list[dict[str, Any]]) -> str | None:
+    """Draw the variants' per-token KL side by side (smallest file first) into the folder."""
+    from release.validation.report import plot_side_by_side
+
+    entries, seen = [], set()
+    for r in sorted(rows, key=lambda r: r["set_bytes"]):
+        if r["kl_quantiles"] and r["method"] not in seen:
+            seen.add(r["method"])
+            entries.append((r["method"], r["kl_quantiles"]))
+    if len(entries) < 2:
+        (folder / KL_COMPARISON).unlink(missing_ok=True)
+        return None
+    with atomic_file(folder / KL_COMPARISON, force=True) as tmp:
+        plot_side_by_side(entries, tmp, "per-token KL from the original model, smallest file first")
+    return KL_COMPARISON
 
 
 def front_matter(meta: ReleaseMetadata, decision: LicenseDecision, kind: str, parent_repo: str) -> dict[str, Any]:
@@ -240,7 +341,9 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
     main_repo = repo_id(meta.repo_url, name)
     parameters = 0
     architecture = "?"
+    main_config: dict[str, Any] = {}
     if main is not None:
+        main_config = json.loads((main / "config.json").read_text(encoding="utf-8"))
         from release.inspect import describe
 
         info = describe(main)
@@ -277,8 +380,12 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
             )  # fmt: skip
         else:
             first = rows[0]["file"] if rows else ""
+            gguf = kind == "gguf"
             body = env.get_template("variant.md.j2").render(
                 **common, variant_format=kind.upper(), parent_name=name,
+                choose=choose_section(rows, main_config) if gguf else "",
+                kl_comparison=kl_comparison(folder, rows) if gguf else None,
+                imatrix_file=next((p.name for p in sorted(folder.glob("*.imatrix"))), None) if gguf else None,
                 parent_url=f"https://huggingface.co/{main_repo}",
                 runtime="llama.cpp" if kind == "gguf" else "transformers with GPTQModel",
                 example_file=first, example_type=rows[0]["method"] if rows and kind == "gguf" else "",

@@ -33,7 +33,7 @@ SCHEMA_ID = "model-release/release-manifest/v1"
 # Files that describe the folder rather than belong to it.
 NOT_LISTED = {MANIFEST, SIGNATURE, ".gitattributes"}
 _FORMATS = {".safetensors": "safetensors", ".gguf": "gguf", ".json": "json", ".md": "markdown", ".txt": "text",
-            ".png": "png", ".jinja": "jinja"}  # fmt: skip
+            ".png": "png", ".jinja": "jinja", ".imatrix": "imatrix"}  # fmt: skip
 _DOCS = {"README.md", "LICENSE", "USE_POLICY.md", "NOTICE"}
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 

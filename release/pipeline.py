@@ -147,6 +147,11 @@ def load_release_file(path: Path) -> ReleaseFile:
         raise BadInputError(f"{path}:{line or '?'}: {msg}", hint=f"schema: {len(errors)} problem(s) in all")
     meta = ReleaseMetadata.from_file(path)
     rf = ReleaseFile(path, data, meta)
+    known = data_file("gguf", "types.json")["types"]
+    for i, t in enumerate(((data.get("variants") or {}).get("gguf") or {}).get("types") or []):
+        if t not in known:
+            line = _line_of(node, ["variants", "gguf", "types", i]) if node is not None else None
+            raise BadInputError(f"{path}:{line or '?'}: unknown GGUF type {t!r} (known: {', '.join(known)})")
     decision = decide(meta)
     if decision.violations:
         raise CheckFailedError(
@@ -329,17 +334,26 @@ def plan_build(
     if "safetensors" in wanted:
         variants.append({"name": dtype, "family": "safetensors", "path": main, "after": "convert"})
 
-    gguf_types = list((cfg.get("gguf") or {}).get("types") or [])
+    gg = cfg.get("gguf") or {}
+    gguf_types = list(gg.get("types") or [])
     known = {k.upper(): v for k, v in data_file("gguf", "types.json")["types"].items()}
-    split = (cfg.get("gguf") or {}).get("split_max_size")
+    split = gg.get("split_max_size")
     if "gguf" in wanted:
+        imatrix = _imatrix_step(rf, gg, cfg, gguf_types, known, src, gguf_dir, cli, ref_device, forward, forward_need)
+        if imatrix is not None and imatrix.argv:
+            steps.append(imatrix)
         for t in gguf_types:
             out = gguf_dir / f"{rf.name}-{t}.gguf"
             args = [*cli, "gguf", str(main), "-o", str(gguf_dir), "-t", t, "--name", rf.name, "--force", *meta_args]
             if split:
                 args += ["--split-max-size", str(split)]
             spec = known.get(t.upper(), {"bpw": 16, "via": "gguf"})
-            steps.append(Step(f"gguf-{t}", "gguf", args, {"meta": release}, ["convert"], lambda o=out: variant_files(o),
+            deps, settings = ["convert"], {"meta": release}
+            if spec["via"] == "llama.cpp":
+                args += ["--imatrix", str(imatrix.settings["file"]) if imatrix is not None else "none"]
+                deps += ["imatrix"] if imatrix is not None and imatrix.argv else []
+                settings["imatrix"] = imatrix.settings if imatrix is not None else None
+            steps.append(Step(f"gguf-{t}", "gguf", args, settings, deps, lambda o=out: variant_files(o),
                               res.gguf_need(shape, spec["bpw"], spec["via"])))  # fmt: skip
             variants.append({"name": t, "family": "gguf", "path": out, "after": f"gguf-{t}"})
 
@@ -382,7 +396,7 @@ def plan_build(
                 hint="or build one family with --only",
             )
         folders = [main, *([gguf_dir] if gguf_types else []), *([gptq_dir] if gq is not None else [])]
-        docs = ["README.md", "LICENSE", "USE_POLICY.md", "NOTICE"]
+        docs = ["README.md", "LICENSE", "USE_POLICY.md", "NOTICE", "kl-comparison.png"]
         steps.append(Step("card", "release", [*cli, "card", str(dist)], {"meta": release},
                           [v["validate"] for v in variants],
                           lambda: [f / d for f in folders for d in docs if (f / d).is_file()], res.SMALL))  # fmt: skip
@@ -396,6 +410,44 @@ def plan_build(
                               {"key": _digest(key.read_bytes())}, ["manifest"],
                               lambda: [f / "release.sig" for f in folders], res.SMALL))  # fmt: skip
     return Plan(dist, steps, variants)
+
+
+def _imatrix_step(
+    rf: ReleaseFile,
+    gg: dict[str, Any],
+    cfg: dict[str, Any],
+    types: list[str],
+    known: dict[str, Any],
+    src: Path,
+    gguf_dir: Path,
+    cli: list[str],
+    device: str,
+    forward: str,
+    need: Need,
+) -> Step | None:
+    """The importance matrix the llama.cpp types are quantized with: collected from the source
+    (``auto``, the default; a step whose output ships in the GGUF folder), a given file (no step:
+    ``argv`` empty), or none. None when no type would use one."""
+    if not any(known.get(t.upper(), {}).get("via") == "llama.cpp" for t in types):
+        return None
+    choice = str(gg.get("imatrix", "auto"))
+    if choice == "none":
+        return None
+    if choice != "auto":
+        given = rf.relative(choice)
+        if not given.is_file():
+            raise BadInputError(
+                f"{rf.path}:{rf.line(['variants', 'gguf', 'imatrix'])}: imatrix file {given} does not exist"
+            )
+        return Step("imatrix", "gguf", [], {"file": str(given), "given": _fingerprint([given])}, [], lambda: [], need)
+    out = gguf_dir / f"{rf.name}.imatrix"
+    calibration = gg.get("calibration") or (cfg.get("gptq") or {}).get("calibration")
+    args = [*cli, "imatrix", str(src), "-o", str(out), "--force", "--device", device, "--forward", forward]
+    settings: dict[str, Any] = {"file": str(out), "source": _fingerprint([src])}
+    if calibration:
+        args += ["--calibration", str(rf.relative(calibration))]
+        settings["calibration"] = _fingerprint([rf.relative(calibration)])
+    return Step("imatrix", "gguf", args, settings, [], lambda: [out], need)
 
 
 def _kind(v: dict[str, Any], st: dict[str, Any]) -> str:
@@ -454,9 +506,11 @@ def _tidy(plan: Plan, rf: ReleaseFile) -> None:
                 stem = Path(logical).stem
                 for g in [*gguf_dir.glob(f"{stem}.*"), *gguf_dir.glob(f"{stem}-*-of-*.gguf")]:
                     g.unlink(missing_ok=True)
+        if "imatrix" not in names:  # no longer collected (imatrix: none, or a given file)
+            (gguf_dir / f"{rf.name}.imatrix").unlink(missing_ok=True)
     for rec in (plan.dist / STEPS_DIR).glob("*.json"):
         if rec.stem not in names and (
-            rec.stem.startswith(("gguf-", "validate-gguf-")) or rec.stem in ("gptq", "validate-gptq")
+            rec.stem.startswith(("gguf-", "validate-gguf-")) or rec.stem in ("gptq", "validate-gptq", "imatrix")
         ):
             rec.unlink()
             if rec.stem == "gptq":

@@ -110,7 +110,10 @@ def written(smollm2, tmp_path_factory):
 def test_every_type_written_once_with_the_expected_file_names(written):
     result, out = written
     assert sorted(o.type for o in result.outputs) == sorted(ALL_TYPES)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"SmolLM2-135M-Instruct-{t}.gguf" for t in ALL_TYPES)
+    # The k-quants were made with an importance matrix collected from the source (--imatrix auto), shipped beside them.
+    names = [f"SmolLM2-135M-Instruct-{t}.gguf" for t in ALL_TYPES] + ["SmolLM2-135M-Instruct.imatrix"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert result.imatrix is not None and result.imatrix["entries"] == 210
     by_type = {o.type: o for o in result.outputs}
     # SmolLM2 rows are 576 wide (not a multiple of 256): llama.cpp falls back, and we say so.
     assert by_type["Q4_K_M"].fallbacks and "576" in by_type["Q4_K_M"].fallbacks[0]
@@ -474,7 +477,7 @@ def test_several_types_read_the_source_once(tiny, smollm2, tmp_path, monkeypatch
 
     monkeypatch.setattr(Checkpoint, "open", counting_open)
     types = ["F16", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"]
-    result = write_gguf(src, tmp_path / "out", types, name="tiny")
+    result = write_gguf(src, tmp_path / "out", types, name="tiny", imatrix="none")  # the pass itself
     assert sorted(opened) == sorted(state)  # every tensor once, none twice
     assert [o.type for o in result.outputs] == types
     for o in result.outputs:

@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from release.formats.gptq import GPTQSettings, build_calibration, quantize
+from release.calibration import build_calibration
+from release.formats.gptq import GPTQSettings, quantize
 from release.metadata import ReleaseMetadata
 from tests.conftest import leftovers
 
@@ -165,7 +166,7 @@ def test_empty_or_short_calibration_is_refused(smollm2, cli, tmp_path):
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"text": "A short note about aspirin."}) + "\n")
     r = cli("gptq", smollm2.hf, "-o", tmp_path / "o2", "--calibration", short, "--seq-len", "256")
-    _refused(r, tmp_path / "o2", "fewer than one --seq-len window of 256")
+    _refused(r, tmp_path / "o2", "fewer than one window of 256")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     _refused(cli("gptq", smollm2.hf, "-o", tmp_path / "o3", "--calibration", bad), tmp_path / "o3", "bad.jsonl:2")
@@ -176,9 +177,9 @@ def test_calibration_windows_are_deterministic_per_seed(smollm2, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2.hf)
-    a = build_calibration(None, tok, GPTQSettings(seq_len=128, samples=10, seed=1), [])
-    b = build_calibration(None, tok, GPTQSettings(seq_len=128, samples=10, seed=1), [])
-    c = build_calibration(None, tok, GPTQSettings(seq_len=128, samples=10, seed=2), [])
+    a = build_calibration(None, tok, seq_len=128, samples=10, seed=1, warn=[])
+    b = build_calibration(None, tok, seq_len=128, samples=10, seed=1, warn=[])
+    c = build_calibration(None, tok, seq_len=128, samples=10, seed=2, warn=[])
     assert a.windows == b.windows and a.windows != c.windows
     assert len(a.windows) == 10 and all(len(w) == 128 for w in a.windows)
     # Windows are cut from the documents' tokens: every window is a slice of the joined stream.

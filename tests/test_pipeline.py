@@ -83,6 +83,17 @@ def test_builds_the_whole_release(full, cli):
         assert {"validation.json", "validation.md", "validation.kl.png"} <= {p.name for p in (dist / f).iterdir()}
         assert f"![KL per token, {f}](validation.kl.png)" in (dist / f / "README.md").read_text()
     assert (dist / f"{NAME}-GGUF" / f"{NAME}-Q8_0.kl.png").is_file()
+    # Q4_K_M was quantized with the importance matrix the imatrix step collected; it ships, hashed.
+    assert "imatrix" in names and names.index("imatrix") < names.index("gguf-Q4_K_M")
+    gguf_manifest = json.loads((dist / f"{NAME}-GGUF" / "release-manifest.json").read_text())
+    files = {f["path"]: f for f in gguf_manifest["files"]}
+    assert files[f"{NAME}.imatrix"]["format"] == "imatrix" and files[f"{NAME}.imatrix"]["variant"] is None
+    card = (dist / f"{NAME}-GGUF" / "README.md").read_text()
+    q4_row = next(line for line in card.splitlines() if line.startswith(f"| {NAME}-Q4_K_M.gguf"))
+    q8_row = next(line for line in card.splitlines() if line.startswith(f"| {NAME}-Q8_0.gguf"))
+    assert q4_row.endswith("| yes: default.jsonl, 10 chunks |") and q8_row.endswith("| no |")
+    assert "## Which file should I choose?" in card and "![Per-token KL of every file](kl-comparison.png)" in card
+    assert "kl-comparison.png" in files
     for f in folders:
         manifest = json.loads((dist / f / "release-manifest.json").read_text())
         assert all(v and v["passed"] for v in manifest["variants"].values())
@@ -173,7 +184,7 @@ def test_bad_key_is_refused_with_its_line(cli, tmp_path):
     _refused(cli, bad, 2, f"release.yaml:{line}:", "variants.gguf.typo")
     bad.write_text(text.replace("[Q8_0, Q4_K_M]", "[Q8_0, Q4_K_X]"))
     line = next(i for i, s in enumerate(bad.read_text().splitlines(), 1) if "Q4_K_X" in s)
-    _refused(cli, bad, 2, f"release.yaml:{line}:", "'Q4_K_X' is not one of")
+    _refused(cli, bad, 2, f"release.yaml:{line}:", "unknown GGUF type 'Q4_K_X'")
 
 
 def test_license_violation_is_refused_before_heavy_work(cli, tmp_path):

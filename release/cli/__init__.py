@@ -12,6 +12,7 @@ from release.cli.fixture import fixture_command
 from release.cli.gguf import gguf_command
 from release.cli.gptq import gptq_command
 from release.cli.hub import fetch_command, hub_app, publish_command
+from release.cli.imatrix import imatrix_command
 from release.cli.inspect import inspect_command
 from release.cli.sign import keygen_command, manifest_command, sign_command, verify_command
 from release.cli.validate import reference_command, validate_command
@@ -46,6 +47,7 @@ app.command("build")(build_command)
 app.command("convert")(convert_command)
 app.command("gguf")(gguf_command)
 app.command("gptq")(gptq_command)
+app.command("imatrix")(imatrix_command)
 app.command("inspect")(inspect_command)
 app.command("reference")(reference_command)
 app.command("card")(card_command)

@@ -30,6 +30,18 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 JSON_HELP = "Print a machine-readable JSON summary on stdout (errors too) instead of text."
 QUIET_HELP = "No progress bars."
+FORWARD_HELP = (
+    "resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~4.5 GB), "
+    "or auto: resident when it fits the device's free memory."
+)
+IMATRIX_HELP = (
+    "Importance matrix for the k-quant and IQ types: auto (collect one from SRC on the calibration text and "
+    "ship it as OUT/<name>.imatrix), a file (llama.cpp's imatrix GGUF format), or none. IQ2_M/IQ2_XS need one."
+)
+CALIBRATION_HELP = (
+    "Calibration text: .txt (one document per line) or .jsonl (a text field). Default: the built-in "
+    "medical + general set."
+)
 
 
 class RichReporter(Reporter):

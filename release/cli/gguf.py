@@ -7,7 +7,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, run_or_json, stdout
+from release.cli._output import (
+    CALIBRATION_HELP,
+    FORWARD_HELP,
+    IMATRIX_HELP,
+    JSON_HELP,
+    QUIET_HELP,
+    human_bytes,
+    run_or_json,
+    stdout,
+)
 from release.formats.gguf import GGUFResult, gguf_types, write_gguf
 from release.formats.safetensors import parse_size
 from release.metadata import BaseModel, ReleaseMetadata
@@ -66,6 +75,10 @@ def gguf_command(
         help="Write files larger than this (e.g. 48GB: the Hub advises files under 50 GB) as llama.cpp's split "
         "set NAME-TYPE-00001-of-0000N.gguf, which llama.cpp loads from the first part.",
     ),
+    imatrix: str = typer.Option("auto", "--imatrix", help=IMATRIX_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
+    device: str = typer.Option("cpu", "--device", help="torch device for collecting the imatrix (cpu, cuda)."),
+    forward: str = typer.Option("auto", "--forward", help=FORWARD_HELP),
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf weights instead of failing."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -73,10 +86,11 @@ def gguf_command(
 ) -> None:
     """Write `OUT/<name>-<TYPE>.gguf` for every --type, reading the source once.
 
-    F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 are converted directly; the k-quant mixes (Q6_K, Q5_K_M,
-    Q4_K_M, Q3_K_M, Q2_K) are made by llama.cpp's quantizer from a lossless intermediate. Each file
-    carries the tokenizer, chat template, hyper-parameters, license and lineage metadata, and the
-    source checkpoint hash. Exit codes: 0 done, 1 a written file failed its check, 2 bad input.
+    F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 are converted directly; the k-quant mixes (Q6_K ... Q2_K)
+    and the IQ types are made by llama.cpp's quantizer from a lossless intermediate, with an
+    importance matrix collected from SRC on calibration text (--imatrix). Each file carries the
+    tokenizer, chat template, hyper-parameters, license and lineage metadata, and the source
+    checkpoint hash. Exit codes: 0 done, 1 a written file failed its check, 2 bad input.
     """
     result: GGUFResult | None = run_or_json(
         lambda rep: write_gguf(
@@ -90,6 +104,10 @@ def gguf_command(
             force=force,
             split_max_size=parse_size(split_max_size) if split_max_size else None,
             allow_nonfinite=allow_nonfinite,
+            imatrix=imatrix,
+            calibration=calibration,
+            device=device,
+            forward=forward,
             reporter=rep,
         ),
         as_json=as_json,
@@ -98,13 +116,18 @@ def gguf_command(
     if result is None:
         return
     table = Table(title=result.output_dir, header_style="bold")
-    for col in ("type", "file", "size", "tensor types"):
+    for col in ("type", "file", "size", "imatrix", "tensor types"):
         table.add_column(col)
     for o in result.outputs:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(o.tensor_types.items()))
         file = f"{o.file} ... ({len(o.parts)} parts)" if o.parts else o.file
-        table.add_row(o.type, file, human_bytes(o.bytes), kinds)
+        table.add_row(o.type, file, human_bytes(o.bytes), "yes" if o.imatrix else "no", kinds)
     stdout.print(table)
+    if result.imatrix:
+        im = result.imatrix
+        made = f", collected in {im['seconds']:.1f} s ({im['forward']} on {im['device']})" if "seconds" in im else ""
+        stdout.print(f"imatrix {im['path']}: {im['entries']} matrices, {im['chunks']} chunks of {im['chunk_size']} "
+                     f"tokens of {', '.join(im['datasets'])}{made}", highlight=False)  # fmt: skip
     for o in result.outputs:
         if o.fallbacks:
             stdout.print(

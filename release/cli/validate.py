@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from release.cli._output import JSON_HELP, QUIET_HELP, print_json, run, run_or_json, stdout
+from release.cli._output import FORWARD_HELP, JSON_HELP, QUIET_HELP, print_json, run, run_or_json, stdout
 from release.validation.reference import TOP_K, ReferenceResult, build_reference
 from release.validation.validate import ValidationResult, validate
 
@@ -25,8 +25,7 @@ def reference_command(
     forward: str = typer.Option(
         "auto",
         "--forward",
-        help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~4.5 GB), "
-        "or auto: resident when it fits the device's free memory.",
+        help=FORWARD_HELP,
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -74,8 +73,7 @@ def validate_command(
     forward: str = typer.Option(
         "auto",
         "--forward",
-        help="resident (whole model in float32), streamed (one decoder layer at a time: a 70B model in ~4.5 GB), "
-        "or auto: resident when it fits the device's free memory.",
+        help=FORWARD_HELP,
     ),
     reports_dir: Path | None = typer.Option(
         None, "--reports-dir", help="Where a folder variant's reports go (default: beside the folder)."

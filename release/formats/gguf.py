@@ -36,6 +36,7 @@ from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
 from release.formats import gguf_quants
+from release.formats import imatrix as imatrix_fmt
 from release.formats.gguf_names import variant_files
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
 from release.licensing import apply_policy
@@ -55,13 +56,15 @@ class GGUFType:
     via: str  # gguf | llama.cpp
     file_type: gguf.LlamaFileType
     tensor_type: Q | None  # for via == gguf
+    needs_imatrix: bool = False  # llama.cpp refuses these without an importance matrix
 
 
 def gguf_types() -> dict[str, GGUFType]:
     out = {}
     for name, spec in data_file("gguf", "types.json")["types"].items():
         tensor_type = Q[spec["tensor_type"]] if "tensor_type" in spec else None
-        out[name] = GGUFType(name, spec["via"], gguf.LlamaFileType[spec["file_type"]], tensor_type)
+        file_type = gguf.LlamaFileType[spec["file_type"]]
+        out[name] = GGUFType(name, spec["via"], file_type, tensor_type, bool(spec.get("needs_imatrix")))
     return out
 
 
@@ -320,6 +323,7 @@ class GGUFOutput:
     fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0
     parts: list[str] = field(default_factory=list)  # a split set's files, in order (file is the first)
+    imatrix: dict[str, Any] | None = None  # the quantize.imatrix.* keys llama.cpp recorded, if one was used
 
 
 @dataclass
@@ -331,6 +335,7 @@ class GGUFResult:
     outputs: list[GGUFOutput]
     warnings: list[str]
     seconds: float
+    imatrix: dict[str, Any] | None = None  # the importance matrix used: file, and how it was collected
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}
@@ -362,11 +367,20 @@ def write_gguf(
     force: bool = False,
     allow_nonfinite: bool = False,
     split_max_size: int | None = None,
+    imatrix: str = "auto",
+    calibration: Path | None = None,
+    device: str = "cpu",
+    forward: str = "auto",
     reporter: Reporter = NULL,
 ) -> GGUFResult:
     """Write ``<name>-<TYPE>.gguf`` into ``out_dir`` for every requested type; with
     ``split_max_size``, a file larger than that becomes llama.cpp's split set
-    ``<name>-<TYPE>-00001-of-0000N.gguf`` ... (one variant, loaded from its first part)."""
+    ``<name>-<TYPE>-00001-of-0000N.gguf`` ... (one variant, loaded from its first part).
+
+    ``imatrix`` applies to the types llama.cpp quantizes (k-quants, IQ): ``auto`` collects an
+    importance matrix from the source on ``calibration`` (built-in medical text by default) and
+    writes it beside the variants as ``<name>.imatrix``; a path uses that file; ``none`` uses none
+    (the types that need one are then refused)."""
     started = time.monotonic()
     wanted = resolve_types(types)
     src = Path(src)
@@ -380,15 +394,25 @@ def write_gguf(
             raise BadInputError(f"{variant_files(p)[0]} exists (pass --force to replace it)")
     if split_max_size is not None and split_max_size < 1 << 20:
         raise BadInputError(f"--split-max-size {split_max_size} bytes is too small (at least 1 MB)")
+    kquants = [t for t in wanted if t.via == "llama.cpp"]
+    im_mode = _imatrix_mode(imatrix, kquants)
+    im_target = out_dir / f"{base}{imatrix_fmt.SUFFIX}"
+    if im_mode == "auto" and im_target.exists() and not force:
+        raise BadInputError(f"{im_target} exists (pass --force to replace it, or --imatrix {im_target} to use it)")
     warnings: list[str] = []
     with open_checkpoint(src) as ckpt:
         arch, tensors = plan_gguf(ckpt)
         vocab = load_vocab(ckpt.root, int(arch.values["vocab_size"]))
         meta = meta.with_(source_format=ckpt.format, origin_checkpoint_hash=ckpt.recorded_origin())
         direct = [t for t in wanted if t.via == "gguf"]
-        kquants = [t for t in wanted if t.via == "llama.cpp"]
         if kquants:
             _llama_cpp()  # fail before writing anything if the quantizer is missing
+        im: imatrix_fmt.IMatrix | None = None
+        im_file = ""
+        if im_mode == "file":
+            im_file = Path(imatrix).name
+            im = imatrix_fmt.read(Path(imatrix))
+            _check_imatrix(im, tensors, Path(imatrix))
         inter_name = _lossless_type(tensors)
         known = gguf_types()
         need_inter = bool(kquants) and known[inter_name] not in direct
@@ -412,13 +436,19 @@ def write_gguf(
                     reporter=reporter,
                     warnings=warnings,
                 )
+                if im_mode == "auto":  # after the pass that refuses NaN weights with the tensor's name
+                    im = imatrix_fmt.collect(src, calibration=calibration, device=device, forward=forward,
+                                             reporter=reporter, warnings=warnings)  # fmt: skip
+                    imatrix_fmt.write(tmp / im_target.name, im)
+                    im_file = im_target.name
                 outputs: list[GGUFOutput] = []
                 for t in direct:
                     outputs.append(_check_direct(files[t.name], t, tensors))
                 inter = files.get(inter_name)
                 for t in kquants:
                     assert inter is not None
-                    outputs.append(_quantize_llama_cpp(inter.path, tmp / f"{t.name}.gguf", t, tensors, reporter))
+                    out = tmp / f"{t.name}.gguf"
+                    outputs.append(_quantize_llama_cpp(inter.path, out, t, tensors, reporter, im, im_file))
                 for o in outputs:
                     final = targets[o.type]
                     made = split_gguf(tmp / o.file, split_max_size) if split_max_size else [tmp / o.file]
@@ -434,6 +464,8 @@ def write_gguf(
                     o.file = dests[0].name
                     o.parts = [d.name for d in dests] if len(dests) > 1 else []
                     o.bytes = sum(d.stat().st_size for d in dests)
+                if im_mode == "auto":
+                    os.replace(tmp / im_target.name, im_target)
                 fsync_path(out_dir)
             except OSError as exc:
                 raise os_error_to_release_error(exc, f"writing {out_dir}") from exc
@@ -447,7 +479,47 @@ def write_gguf(
         outputs=outputs,
         warnings=warnings,
         seconds=round(time.monotonic() - started, 3),
+        imatrix=_imatrix_summary(im, im_file, im_target if im_mode == "auto" else Path(imatrix)),
     )
+
+
+def _imatrix_summary(im: imatrix_fmt.IMatrix | None, file: str, path: Path) -> dict[str, Any] | None:
+    if im is None:
+        return None
+    return {"file": file, "path": str(path), "datasets": im.datasets, "chunks": im.chunk_count,
+            "chunk_size": im.chunk_size, "entries": len(im.sums), **im.info}  # fmt: skip
+
+
+def _imatrix_mode(imatrix: str, kquants: list[GGUFType]) -> str:
+    """auto | file | none, after refusing what cannot work."""
+    mode = imatrix if imatrix in ("auto", "none") else "file"
+    if mode == "file" and not Path(imatrix).is_file():
+        raise BadInputError(f"--imatrix {imatrix}: no such file (or use auto / none)")
+    if not kquants:
+        return "none"  # only the direct types: gguf's converters take no importance matrix
+    if mode == "none":
+        needy = [t.name for t in kquants if t.needs_imatrix]
+        if needy:
+            raise BadInputError(
+                f"{', '.join(needy)} need{'s' if len(needy) == 1 else ''} an importance matrix: llama.cpp's "
+                "very-low-bit types are unusable without one",
+                hint="use --imatrix auto (collected from the source on calibration text) or --imatrix FILE",
+            )
+    return mode
+
+
+def _check_imatrix(im: imatrix_fmt.IMatrix, tensors: list[PlannedTensor], path: Path) -> None:
+    """An imatrix made for another model would make llama.cpp abort mid-file: refuse it first."""
+    widths = {pt.name: pt.ref.shape[-1] for pt in tensors if not pt.is_norm_or_vector}
+    known = [n for n in im.sums if n in widths]
+    if not known:
+        raise BadInputError(f"{path}: no imatrix entry names a weight of this model (made for another model?)")
+    for n in known:
+        if im.sums[n].size != widths[n]:
+            raise BadInputError(
+                f"{path}: {n} has {im.sums[n].size} columns in the imatrix, {widths[n]} in the model "
+                "(made for another model?)"
+            )
 
 
 @contextlib.contextmanager
@@ -564,14 +636,23 @@ def _quiet_llama_logs() -> Iterator[Any]:
 
 
 def _quantize_llama_cpp(
-    inter: Path, out: Path, t: GGUFType, tensors: list[PlannedTensor], reporter: Reporter
+    inter: Path,
+    out: Path,
+    t: GGUFType,
+    tensors: list[PlannedTensor],
+    reporter: Reporter,
+    im: imatrix_fmt.IMatrix | None = None,
+    im_file: str = "",
 ) -> GGUFOutput:
     llama_cpp = _llama_cpp()
     started = time.monotonic()
-    reporter.start(f"quantizing {t.name} with llama.cpp", 1)
+    reporter.start(f"quantizing {t.name} with llama.cpp" + (" and the importance matrix" if im else ""), 1)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = t.file_type.value
     params.nthread = os.cpu_count() or 1
+    inputs = imatrix_fmt.QuantizerInputs(llama_cpp, im, im_file) if im is not None else None
+    if inputs is not None:
+        inputs.apply(params)
     with _quiet_llama_logs() as log:
         rc = llama_cpp.llama_model_quantize(str(inter).encode(), str(out).encode(), params)
         said = tail(log) if rc != 0 or not out.is_file() else ""
@@ -595,8 +676,15 @@ def _quantize_llama_cpp(
     missing = set(by_name) - {rt.name for rt in reader.tensors}
     if missing:
         raise CheckFailedError(f"{out.name}: tensors missing after quantization: {', '.join(sorted(missing)[:3])}")
+    recorded = None
+    if im is not None:
+        keys = (imatrix_fmt.KV_FILE, imatrix_fmt.KV_DATASET, imatrix_fmt.KV_ENTRIES, imatrix_fmt.KV_CHUNKS)
+        fields = reader.fields
+        recorded = {k.removeprefix("quantize.imatrix."): fields[k].contents() for k in keys if k in fields}
+        if "entries_count" not in recorded:
+            raise CheckFailedError(f"{out.name}: llama.cpp did not record the importance matrix it was given")
     seconds = round(time.monotonic() - started, 3)
-    return GGUFOutput(t.name, out.name, out.stat().st_size, dict(counts), fallbacks, seconds)
+    return GGUFOutput(t.name, out.name, out.stat().st_size, dict(counts), fallbacks, seconds, imatrix=recorded)
 
 
 def describe_types() -> str:

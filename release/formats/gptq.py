@@ -15,7 +15,6 @@ transformers (+ optimum), vLLM and GPTQModel load. This module does what it does
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -24,8 +23,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from importlib import resources
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 
 from release import __version__, hashing
 from release.atomic import atomic_dir, check_target
+from release.calibration import Calibration, build_calibration
 from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, ReleaseError, os_error_to_release_error
@@ -47,7 +46,6 @@ BITS = (2, 3, 4, 8)
 # Group sizes tried by --group-size auto, largest first (128 is the common default on the Hub).
 AUTO_GROUP_SIZES = (128, 64, 32)
 GROUP_SIZES = (1024, 512, 256, 128, 64, 32, 16)
-DEFAULT_CALIBRATION = "default.jsonl"
 # Config keys GPTQModel writes that describe the machine, not the checkpoint.
 MACHINE_LOCAL_KEYS = ("offload_to_disk_path",)
 
@@ -131,85 +129,6 @@ def choose_group_size(config: dict[str, Any], requested: int | None) -> int:
 
 def _widths(config: dict[str, Any], only: dict[str, int] | None = None) -> str:
     return ", ".join(f"{k} = {w}" for k, w in (only or in_features(config)).items())
-
-
-# --- calibration ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Calibration:
-    name: str  # file name only: a path would be machine-local junk in the released config
-    sha256: str
-    documents: int
-    tokens: int
-    windows: list[list[int]] = field(repr=False)
-
-
-def load_calibration_texts(path: Path | None) -> tuple[str, str, list[str]]:
-    """(name, sha256, documents) from a ``.txt`` (one document per line) or ``.jsonl`` (``text`` field) file."""
-    if path is None:
-        path = Path(str(resources.files("release").joinpath("data", "calibration", DEFAULT_CALIBRATION)))
-        name = f"model-release:{DEFAULT_CALIBRATION}"
-    else:
-        name = Path(path).name
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot read calibration file ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadInputError(f"{path}: calibration file is not UTF-8 text") from None
-    docs: list[str] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInputError(f"{path}:{n}: not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise BadInputError(f'{path}:{n}: each line needs a "text" string')
-            if obj["text"].strip():
-                docs.append(obj["text"])
-    elif path.suffix in (".txt", ""):
-        docs = [line for line in text.splitlines() if line.strip()]
-    else:
-        raise BadInputError(f"{path}: calibration must be .txt (one document per line) or .jsonl (a text field)")
-    if not docs:
-        raise BadInputError(f"{path}: no calibration text in the file")
-    return name, hashlib.sha256(raw).hexdigest(), docs
-
-
-def build_calibration(path: Path | None, tokenizer: Any, settings: GPTQSettings, warn: list[str]) -> Calibration:
-    """Documents joined with the end-of-sequence token and cut into ``seq_len`` windows; a seeded
-    shuffle picks ``samples`` of them. Same file, tokenizer and seed: same windows, same order."""
-    if settings.seq_len < 8:
-        raise BadInputError(f"--seq-len must be at least 8, not {settings.seq_len}")
-    name, digest, docs = load_calibration_texts(path)
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    for doc in docs:
-        ids += list(tokenizer.encode(doc, add_special_tokens=False)) + sep
-    n = len(ids) // settings.seq_len
-    if n == 0:
-        raise BadInputError(
-            f"calibration text {name} holds {len(ids)} tokens, fewer than one --seq-len window of {settings.seq_len}",
-            hint="give more text or a smaller --seq-len",
-        )
-    windows = [ids[i * settings.seq_len : (i + 1) * settings.seq_len] for i in range(n)]
-    random.Random(settings.seed).shuffle(windows)
-    if settings.samples is not None:
-        if settings.samples <= 0:
-            raise BadInputError(f"--samples must be positive, not {settings.samples}")
-        if settings.samples > n:
-            warn.append(
-                f"calibration gives {n} windows of {settings.seq_len} tokens; using all, not {settings.samples}"
-            )
-        windows = windows[: settings.samples]
-    return Calibration(name, digest, len(docs), len(ids), windows)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -325,7 +244,18 @@ def quantize(
             tokenizer = AutoTokenizer.from_pretrained(src)
         except (OSError, ValueError) as exc:
             raise BadInputError(f"{src}: cannot load the tokenizer ({exc})") from None
-        cal = build_calibration(calibration, tokenizer, settings, warnings) if settings.method == "gptq" else None
+        cal = (
+            build_calibration(
+                calibration,
+                tokenizer,
+                seq_len=settings.seq_len,
+                seed=settings.seed,
+                samples=settings.samples,
+                warn=warnings,
+            )
+            if settings.method == "gptq"
+            else None
+        )
         source_hash = _source_hash(ckpt, plan.tensors, reporter)
         meta = apply_policy(metadata or ReleaseMetadata()).with_(
             source_format=ckpt.format,

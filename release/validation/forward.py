@@ -91,8 +91,16 @@ class ForwardModel:
 
     vocab_size: int
 
+    model: torch.nn.Module  # transformers' model (its layers carry any hooks a caller registers)
+
     def logits(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
         raise NotImplementedError
+
+    def observe(self, prompts: list[list[int]]) -> None:
+        """Run every decoder layer on every prompt, for forward hooks (the importance matrix);
+        the logits are not needed."""
+        for _ in self.logits(prompts):
+            pass
 
 
 class ResidentModel(ForwardModel):
@@ -184,14 +192,18 @@ class StreamedModel(ForwardModel):
 
     # --- the forward pass ---------------------------------------------------------------------
 
-    def logits(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
+    def observe(self, prompts: list[list[int]]) -> None:
+        self._layers(prompts)
+        self.reporter.advance(1)
+        self.reporter.done()
+
+    def _layers(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Every prompt's hidden states after the last decoder layer (before the final norm)."""
         from transformers.masking_utils import create_causal_mask
 
         p = self.paths
         embed = self.model.get_submodule(p["embed"])
         layers = self.model.get_submodule(p["layers"])
-        norm = self.model.get_submodule(p["norm"])
-        head = self.model.get_submodule(p["head"])
         rotary = _call(type(self.model.get_submodule(p["rotary"])), config=self.config, device=self.device)
         rotary = rotary.to(self.device)
         n_layers = int(self.config.num_hidden_layers)
@@ -237,7 +249,14 @@ class StreamedModel(ForwardModel):
                     hidden[k] = out[0] if isinstance(out, tuple) else out
                 self._unload(layer)
                 self.reporter.advance(1)
-            del extras
+        return hidden
+
+    def logits(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
+        p = self.paths
+        norm = self.model.get_submodule(p["norm"])
+        head = self.model.get_submodule(p["head"])
+        with torch.no_grad():
+            hidden = self._layers(prompts)
             self._load(norm, p["norm"] + ".")
             hidden = [norm(h)[0] for h in hidden]
             self._unload(norm)

@@ -100,3 +100,29 @@ def _plot(kl: np.ndarray, title: str, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)
+
+
+def plot_side_by_side(entries: list[tuple[str, dict[str, float]]], out: Path, title: str) -> None:
+    """Per-token KL of several variants as boxes (1st/25th/50th/75th/99th percentiles and the mean
+    file by file), from the quantiles each validation report keeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor = 1e-8
+    stats = [
+        {"label": label, "whislo": max(q["p1"], floor), "q1": max(q["p25"], floor), "med": max(q["p50"], floor),
+         "q3": max(q["p75"], floor), "whishi": max(q["p99"], floor), "fliers": []}
+        for label, q in entries
+    ]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(stats) + 2), 3.8), dpi=100)
+    ax.bxp(stats, showfliers=False, patch_artist=True, boxprops={"facecolor": "#9dbbe0"})
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(reference || variant) per token")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)

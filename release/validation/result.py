@@ -21,4 +21,8 @@ class VariantResult:
     seconds_per_1000_tokens: float = 0.0
     forward: str = ""  # transformers: resident or streamed (one layer at a time)
     peak_anon_rss_bytes: int = 0  # sampled after each prompt; excludes mapped model files (llama.cpp)
+    # Per-token KL distribution (percentile -> value): what the card's side-by-side plot draws.
+    kl_quantiles: dict[str, float] = field(default_factory=dict)
+    # How the file says it was quantized: llama.cpp's quantize.imatrix.* keys (file, dataset, chunks_count ...)
+    quantization: dict[str, str] = field(default_factory=dict)
     reports: dict[str, str] = field(default_factory=dict)

@@ -41,6 +41,7 @@ class Runtime:
     name = ""
     vocab_size = 0
     recorded_hashes: tuple[str, ...] = ()  # checkpoint hashes the variant says it was made from
+    quantization: dict[str, str] = {}  # noqa: RUF012  (read-only; how the file says it was quantized)
 
     def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -167,6 +168,7 @@ class LlamaCppRuntime(Runtime):
             if k in ("model_release.source_checkpoint_hash", "model_release.origin_checkpoint_hash")
         )
         self.file_type = meta.get("general.file_type")
+        self.quantization = {k.removeprefix("quantize."): v for k, v in meta.items() if k.startswith("quantize.")}
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))

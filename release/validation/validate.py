@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from release.architectures import data_file
@@ -164,6 +165,8 @@ def validate(
             seconds_per_1000_tokens=round(compute / (int(ref.input_ids.numel()) / 1000), 3),
             forward=getattr(rt, "forward", ""),
             peak_anon_rss_bytes=peak_anon,
+            kl_quantiles=kl_quantiles(acc.kl_values()),
+            quantization=dict(rt.quantization),
         )
         if write:
             if fmt == "gguf":  # one report per variant, named after the set when it is split
@@ -173,6 +176,17 @@ def validate(
             res.reports = write_reports(path, res, acc.kl_values(), ref, reports_dir)
         results.append(res)
     return ValidationResult(reference=str(reference), passed=all(r.passed for r in results), variants=results)
+
+
+KL_PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+
+
+def kl_quantiles(kl: np.ndarray) -> dict[str, float]:
+    """The per-token KL distribution in a few numbers (the card draws the variants side by side)."""
+    if kl.size == 0:
+        return {}
+    values = np.percentile(kl, KL_PERCENTILES)
+    return {f"p{q}": float(f"{v:.6g}") for q, v in zip(KL_PERCENTILES, values, strict=True)}
 
 
 def _failures(m: dict[str, float], limits: dict[str, float | None]) -> list[str]:
