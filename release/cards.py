@@ -24,7 +24,7 @@ from release.hashing import origin_hash, sha256_file
 from release.licensing import LicenseDecision, decide, license_info, write_license_files
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
-from release.tensors import folder_metadata
+from release.safetensors_header import folder_metadata
 
 RELEASE_FILES = ("release.yaml", "release.yml", "release.json")
 # Our own wording, added to every card of a model whose release declares domain "medical".

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from release.choices import CAST_CHOICES as CAST_CHOICES  # re-exported
 from release.errors import BadInputError
 
 # safetensors dtype code -> torch dtype. The codes are the ones safetensors writes in its header.
@@ -23,8 +24,6 @@ SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_TO_TORCH.items()}
 
-# --dtype choices of `convert`
-CAST_CHOICES: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 # names used in config.json's torch_dtype / dtype
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 

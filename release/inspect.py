@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from release import hashing
-from release.checkpoint import iter_with_digests, open_checkpoint, plan_tensors
 from release.errors import BadInputError, ReleaseError
 from release.progress import NULL, Reporter
 
@@ -35,6 +34,9 @@ def describe(path: Path, *, with_hash: bool = False, reporter: Reporter = NULL) 
 
 
 def describe_checkpoint(path: Path, *, with_hash: bool, reporter: Reporter) -> dict[str, Any]:
+    # The tensor reader needs torch (the convert extra); a GGUF file is read without it.
+    from release.checkpoint import iter_with_digests, open_checkpoint, plan_tensors
+
     with open_checkpoint(path) as ckpt:
         dtype_params: Counter[str] = Counter()
         for ref in ckpt.refs.values():

@@ -24,7 +24,7 @@ from release.hashing import origin_hash, sha256_file
 from release.licensing import decide
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
-from release.tensors import folder_metadata
+from release.safetensors_header import folder_metadata
 
 MANIFEST = "release-manifest.json"
 SIGNATURE = "release.sig"

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import mmap
 import os
 import pickle
-import struct
 import sys
 import warnings
 import zipfile
@@ -30,10 +28,10 @@ from safetensors import SafetensorError, safe_open
 
 from release import dtypes
 from release.errors import BadInputError
+from release.safetensors_header import parse_safetensors_header
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
-_MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -123,36 +121,6 @@ class TensorFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def parse_safetensors_header(path: Path) -> tuple[int, dict]:
-    """Read and check a safetensors header; returns (data start offset, header dict).
-
-    The ``safetensors`` library validates the file when it opens it (offsets, sizes, dtypes), but
-    does not expose where each tensor lies; we need those offsets to map one tensor at a time.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise BadInputError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise BadInputError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"{path}: corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise BadInputError(f"{path}: corrupt safetensors header (not a JSON object)")
-    return 8 + n, header
-
-
-def folder_metadata(folder: Path) -> dict[str, str]:
-    """``__metadata__`` of a safetensors folder's first shard (where our writers record provenance)."""
-    for f in sorted(Path(folder).glob("*.safetensors"))[:1]:
-        return dict(parse_safetensors_header(f)[1].get("__metadata__") or {})
-    return {}
 
 
 class SafetensorsFile(TensorFile):

@@ -15,7 +15,8 @@ from release import hashing
 from release.errors import CheckFailedError
 from release.formats import safetensors as st_format
 from release.formats.safetensors import convert, parse_size, plan_shards
-from release.tensors import TensorRef, parse_safetensors_header
+from release.safetensors_header import parse_safetensors_header
+from release.tensors import TensorRef
 from tests.conftest import leftovers
 
 LAYOUTS = ["st-single", "st-sharded", "st-file", "bin-single", "bin-sharded", "pt-file", "pth-wrapped"]

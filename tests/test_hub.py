@@ -262,3 +262,91 @@ def test_a_xet_client_is_told_what_to_set(hub):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req)
     assert err.value.code == 501 and "HF_HUB_DISABLE_XET=1" in err.value.headers["X-Error-Message"]
+
+
+# --- downstream users: the base install ----------------------------------------------------------
+
+HEAVY = ("torch", "transformers", "llama_cpp", "gptqmodel", "matplotlib", "accelerate")
+PROBE = """
+import json, sys
+sys.argv = ["model-release", *sys.argv[1:]]
+from release.cli import main
+code = 0
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else 1
+heavy = [m for m in {heavy!r} if m in sys.modules]
+print(json.dumps({{"code": code, "heavy": heavy}}), file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def base_venv(tmp_path_factory):
+    """A fresh venv with `pip install model-release` from this checkout, no extras (from PyPI)."""
+    base = tmp_path_factory.mktemp("base-install")
+    src = base / "src"  # a copy: building from the checkout itself would leave build/ in it
+    shutil.copytree(ROOT / "release", src / "release", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / f, src / f)
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    started = time.monotonic()
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(src)],
+                       capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    size = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
+    print(f"base install: {time.monotonic() - started:.0f} s, venv {size / 1e6:.0f} MB")
+    return venv
+
+
+def _in_base(venv: Path, *args: object) -> tuple[int, list[str], str, str]:
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": ""}
+    p = subprocess.run([str(venv / "bin" / "python"), "-c", PROBE.format(heavy=HEAVY), *map(str, args)],
+                       capture_output=True, text=True, env=env, cwd=venv, timeout=600)  # fmt: skip
+    probe = json.loads(p.stderr.strip().splitlines()[-1])
+    return probe["code"], probe["heavy"], p.stdout, p.stderr
+
+
+def test_base_install_fetches_and_verifies_without_torch_or_llama_cpp(cli, release, hub, base_venv, tmp_path):
+    py = base_venv / "bin" / "python"
+    find = f"import importlib.util as u; print([m for m in {HEAVY!r} if u.find_spec(m)])"
+    present = subprocess.run([str(py), "-c", find], capture_output=True, text=True, check=True).stdout.strip()
+    assert present == "[]"  # none of them is even installed
+    assert _publish(cli, release, hub).exit_code == 0
+    repo = f"{REPO}-GGUF"
+    out = tmp_path / "q4"
+    fetch = ["fetch", repo, "--variant", "Q4_K_M", "--revision", "v1.0", "--endpoint", hub.url]
+    code, heavy, stdout, stderr = _in_base(base_venv, *fetch, "-o", out, "--public-key", release["pub"], "--json")
+    assert code == 0, stdout + stderr
+    assert heavy == []
+    res = json.loads(stdout)
+    assert res["signature_checked"] and any(f.endswith("Q4_K_M.gguf") for f in res["files"])
+    code, heavy, stdout, stderr = _in_base(base_venv, "inspect", out / "SmolLM2-135M-Instruct-Q4_K_M.gguf", "--json")
+    assert code == 0 and heavy == [] and json.loads(stdout)["file_type"], stdout + stderr
+
+    # --revalidate needs the validate extra: the hashes and the signature are still checked, the
+    # files kept, and the one error line names the extra.
+    again = tmp_path / "q4-revalidate"
+    code, heavy, stdout, stderr = _in_base(
+        base_venv, *fetch, "-o", again, "--public-key", release["pub"], "--revalidate"
+    )
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, stderr
+    assert "hashes and signature verified; not revalidated" in errors[0]
+    assert "pip install 'model-release[validate]'" in errors[0] and "Traceback" not in stderr
+    assert (again / "SmolLM2-135M-Instruct-Q4_K_M.gguf").is_file()
+    code, _, _, stderr = _in_base(base_venv, "gguf", out, "-o", tmp_path / "g", "-t", "Q8_0")
+    assert code == 2 and "pip install 'model-release[gguf]'" in stderr and "Traceback" not in stderr
+
+    # A tampered file on the server is refused the same way as with the full install.
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    name = "SmolLM2-135M-Instruct-Q4_K_M.gguf"
+    sha = next(f.lfs.sha256 for f in api.list_repo_tree(repo, revision="v1.0", recursive=True) if f.path == name)
+    blob = hub.state.root / "lfs" / sha
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    blob.write_bytes(bytes(data))
+    bad = tmp_path / "tampered"
+    code, heavy, stdout, stderr = _in_base(base_venv, *fetch, "-o", bad, "--public-key", release["pub"])
+    assert code == 1 and f"changed: {name}" in stderr and not bad.exists() and heavy == []

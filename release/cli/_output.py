@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -20,7 +22,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from release.errors import ReleaseError
+from release.errors import ReleaseError, missing_extra
 from release.progress import Reporter
 
 T = TypeVar("T")
@@ -76,21 +78,28 @@ class RichReporter(Reporter):
             self._progress = None
 
     def warn(self, message: str) -> None:
-        stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+        stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) -> T:
     """Run a command body; expected failures become one line (or JSON) and their exit code."""
     reporter = RichReporter(enabled=not (quiet or as_json))
     try:
-        return action(reporter)
+        try:
+            return action(reporter)
+        except ModuleNotFoundError as exc:  # a library of an extra this install does not have
+            missing = missing_extra(exc, command_name())
+            if missing is None:
+                raise
+            raise missing from None
     except ReleaseError as exc:
         reporter.done()
         if as_json:
             print_json(exc.to_dict())
         else:
             hint = f" ({exc.hint})" if exc.hint else ""
-            stderr.print(f"[red]error:[/] {exc.message}{hint}", highlight=False)
+            # escape: messages hold brackets (pip install 'model-release[gguf]') that are not markup
+            stderr.print(f"[red]error:[/] {escape(exc.message + hint)}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         reporter.done()
@@ -98,6 +107,13 @@ def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) 
         raise typer.Exit(130) from None
     finally:
         reporter.done()
+
+
+def command_name() -> str | None:
+    """The running command's name (``fetch``, ``gguf`` ...) as typed: the first word after the
+    root options (which take no values). None when run in-process without a command line."""
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return words[0] if words and sys.argv and Path(sys.argv[0]).name in ("model-release", "__main__.py") else None
 
 
 def run_or_json(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) -> T | None:

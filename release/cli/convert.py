@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
+from release.choices import CAST_CHOICES
 from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, run_or_json, stdout
-from release.dtypes import CAST_CHOICES
-from release.formats.safetensors import ConvertResult, convert
-from release.metadata import ReleaseMetadata
+
+if TYPE_CHECKING:
+    from release.formats.safetensors import ConvertResult
+    from release.progress import Reporter
 
 DType = Enum("DType", {k: k for k in CAST_CHOICES}, type=str)  # keep | bf16 | fp16 | fp32
 
@@ -41,8 +43,12 @@ def convert_command(
     after the cast otherwise). Exit codes: 0 done, 1 the written output failed its check,
     2 bad input (unreadable, unsafe or inconsistent checkpoint, disk full).
     """
-    result: ConvertResult | None = run_or_json(
-        lambda rep: convert(
+
+    def work(rep: Reporter) -> ConvertResult:
+        from release.formats.safetensors import convert
+        from release.metadata import ReleaseMetadata
+
+        return convert(
             src,
             out,
             dtype=DType(dtype).value,
@@ -51,12 +57,13 @@ def convert_command(
             allow_nonfinite=allow_nonfinite,
             metadata=ReleaseMetadata.from_file(metadata_file) if metadata_file else None,
             reporter=rep,
-        ),
-        as_json=as_json,
-        quiet=quiet,
-    )
+        )
+
+    result = run_or_json(work, as_json=as_json, quiet=quiet)
     if result is None:
         return
+    from rich.table import Table
+
     table = Table(title=f"{result.output}", show_header=True, header_style="bold")
     table.add_column("shard")
     table.add_column("tensors", justify="right")

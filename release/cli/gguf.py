@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
+from release.choices import gguf_type_names
 from release.cli._output import (
     CALIBRATION_HELP,
     FORWARD_HELP,
@@ -17,9 +18,11 @@ from release.cli._output import (
     run_or_json,
     stdout,
 )
-from release.formats.gguf import GGUFResult, gguf_types, write_gguf
-from release.formats.safetensors import parse_size
-from release.metadata import BaseModel, ReleaseMetadata
+
+if TYPE_CHECKING:
+    from release.formats.gguf import GGUFResult
+    from release.metadata import ReleaseMetadata
+    from release.progress import Reporter
 
 
 def release_metadata(
@@ -33,6 +36,8 @@ def release_metadata(
     source_repo_url: str | None = None,
 ) -> ReleaseMetadata:
     """A metadata file, overridden by the flags given on the command line."""
+    from release.metadata import BaseModel, ReleaseMetadata
+
     meta = ReleaseMetadata.from_file(metadata_file) if metadata_file else ReleaseMetadata()
     changes: dict[str, object] = {
         k: v
@@ -57,7 +62,7 @@ def gguf_command(
     src: Path = typer.Argument(..., help="HF Llama-architecture checkpoint folder (e.g. what `convert` writes)."),
     out: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
     types: list[str] = typer.Option(
-        ["Q8_0"], "--type", "-t", help=f"GGUF type, repeatable. One of: {', '.join(gguf_types())}."
+        ["Q8_0"], "--type", "-t", help=f"GGUF type, repeatable. One of: {', '.join(gguf_type_names())}."
     ),
     name: str | None = typer.Option(None, "--name", help="general.name and file prefix (default: SRC folder name)."),
     version: str | None = typer.Option(None, "--version", help="general.version."),
@@ -92,8 +97,12 @@ def gguf_command(
     tokenizer, chat template, hyper-parameters, license and lineage metadata, and the source
     checkpoint hash. Exit codes: 0 done, 1 a written file failed its check, 2 bad input.
     """
-    result: GGUFResult | None = run_or_json(
-        lambda rep: write_gguf(
+
+    def work(rep: Reporter) -> GGUFResult:
+        from release.formats.gguf import write_gguf
+        from release.formats.safetensors import parse_size
+
+        return write_gguf(
             src,
             out,
             types,
@@ -109,12 +118,13 @@ def gguf_command(
             device=device,
             forward=forward,
             reporter=rep,
-        ),
-        as_json=as_json,
-        quiet=quiet,
-    )
+        )
+
+    result = run_or_json(work, as_json=as_json, quiet=quiet)
     if result is None:
         return
+    from rich.table import Table
+
     table = Table(title=result.output_dir, header_style="bold")
     for col in ("type", "file", "size", "imatrix", "tensor types"):
         table.add_column(col)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
+from release.choices import BITS
 from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, run_or_json, stdout
-from release.formats.gptq import BITS, GPTQResult, GPTQSettings, quantize
-from release.metadata import ReleaseMetadata
+
+if TYPE_CHECKING:
+    from release.formats.gptq import GPTQResult
+    from release.progress import Reporter
 
 
 def _group_size(text: str) -> int | None:
@@ -65,30 +69,27 @@ def gptq_command(
     hash and license fields. Check it against the source with `model-release validate`.
     Exit codes: 0 done, 1 quantization failed, 2 bad input.
     """
-    settings = GPTQSettings(
-        bits=bits,
-        group_size=_group_size(group_size),
-        desc_act=desc_act,
-        sym=sym,
-        samples=samples,
-        seq_len=seq_len,
-        seed=seed,
-        device=device,
-        method=method,
-    )
-    result: GPTQResult | None = run_or_json(
-        lambda rep: quantize(
-            src,
-            out,
-            settings,
-            calibration=calibration,
-            metadata=ReleaseMetadata.from_file(metadata_file) if metadata_file else None,
-            force=force,
-            reporter=rep,
-        ),
-        as_json=as_json,
-        quiet=quiet,
-    )
+    chosen_group_size = _group_size(group_size)
+
+    def work(rep: Reporter) -> GPTQResult:
+        from release.formats.gptq import GPTQSettings, quantize
+        from release.metadata import ReleaseMetadata
+
+        settings = GPTQSettings(
+            bits=bits,
+            group_size=chosen_group_size,
+            desc_act=desc_act,
+            sym=sym,
+            samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            device=device,
+            method=method,
+        )
+        metadata = ReleaseMetadata.from_file(metadata_file) if metadata_file else None
+        return quantize(src, out, settings, calibration=calibration, metadata=metadata, force=force, reporter=rep)
+
+    result = run_or_json(work, as_json=as_json, quiet=quiet)
     if result is None:
         return
     for w in result.warnings:

@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from release.cli._output import JSON_HELP, human_bytes, print_json, run, stdout
-from release.inspect import describe
 
 
 def inspect_command(
@@ -23,10 +21,18 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show architecture, parameters, dtypes, files, size and license/provenance metadata."""
-    info: dict[str, Any] = run(lambda rep: describe(path, with_hash=with_hash, reporter=rep), as_json=as_json)
+
+    def work(rep: Any) -> dict[str, Any]:
+        from release.inspect import describe
+
+        return describe(path, with_hash=with_hash, reporter=rep)
+
+    info = run(work, as_json=as_json)
     if as_json:
         print_json(info)
         return
+    from rich.table import Table
+
     table = Table(show_header=False, title=str(path))
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")

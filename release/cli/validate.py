@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
+from release.choices import TOP_K
 from release.cli._output import FORWARD_HELP, JSON_HELP, QUIET_HELP, print_json, run, run_or_json, stdout
-from release.validation.reference import TOP_K, ReferenceResult, build_reference
-from release.validation.validate import ValidationResult, validate
+
+if TYPE_CHECKING:
+    from release.progress import Reporter
+    from release.validation.reference import ReferenceResult
+    from release.validation.validate import ValidationResult
 
 
 def reference_command(
@@ -35,8 +39,11 @@ def reference_command(
 
     Exit codes: 0 written, 2 bad input.
     """
-    result: ReferenceResult | None = run_or_json(
-        lambda rep: build_reference(
+
+    def work(rep: Reporter) -> ReferenceResult:
+        from release.validation.reference import build_reference
+
+        return build_reference(
             src,
             out,
             prompts_file=prompts,
@@ -46,10 +53,9 @@ def reference_command(
             forward=forward,
             force=force,
             reporter=rep,
-        ),
-        as_json=as_json,
-        quiet=quiet,
-    )
+        )
+
+    result = run_or_json(work, as_json=as_json, quiet=quiet)
     if result is None:
         return
     stdout.print(
@@ -89,8 +95,11 @@ def validate_command(
     Exit codes: 0 all pass, 1 a variant fails a threshold, 2 bad input (missing file, a reference of
     another model or tokenizer).
     """
-    result: ValidationResult = run(
-        lambda rep: validate(
+
+    def work(rep: Reporter) -> ValidationResult:
+        from release.validation.validate import validate
+
+        return validate(
             variants,
             reference,
             runtime=runtime,
@@ -101,14 +110,15 @@ def validate_command(
             forward=forward,
             reports_dir=reports_dir,
             reporter=rep,
-        ),
-        as_json=as_json,
-        quiet=quiet,
-    )
+        )
+
+    result = run(work, as_json=as_json, quiet=quiet)
     failure = result.failure()
     if as_json:
         print_json(result.to_dict())
     else:
+        from rich.table import Table
+
         table = Table(title=f"against {reference}", header_style="bold")
         table.add_column("variant", overflow="fold")
         table.add_column("kind", overflow="fold")

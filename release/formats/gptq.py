@@ -35,6 +35,7 @@ from release.atomic import atomic_dir, check_target
 from release.calibration import Calibration, build_calibration
 from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, open_checkpoint, plan_tensors
+from release.choices import BITS
 from release.errors import BadInputError, CheckFailedError, ReleaseError, os_error_to_release_error
 from release.formats.safetensors import restamp
 from release.licensing import apply_policy
@@ -42,7 +43,6 @@ from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
 from release.tensors import has_nonfinite, tensor_bytes
 
-BITS = (2, 3, 4, 8)
 # Group sizes tried by --group-size auto, largest first (128 is the common default on the Hub).
 AUTO_GROUP_SIZES = (128, 64, 32)
 GROUP_SIZES = (1024, 512, 256, 128, 64, 32, 16)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from release.cards import folder_kind, release_folders
-from release.errors import BadInputError, CheckFailedError, ReleaseError
+from release.errors import BadInputError, CheckFailedError, MissingExtraError, ReleaseError, missing_extra
 from release.hashing import sha256_file
 from release.manifest import MANIFEST, NOT_LISTED, SIGNATURE, check_files, listed_files, load_manifest
 from release.progress import NULL, Reporter
@@ -344,7 +344,20 @@ def fetch(
                 signature_checked = True
         if public_key is None and SIGNATURE in remote:
             warnings.append("the release is signed but no --public-key was given: the signature was not checked")
-        revalidated = _revalidate(tmp, manifest, variant, needed, reporter) if revalidate else None
+        revalidated, missing = None, None
+        if revalidate:
+            try:
+                revalidated = _revalidate(tmp, manifest, variant, needed, reporter)
+            except ModuleNotFoundError as exc:  # the base install: keep what was fetched and verified
+                missing = missing_extra(exc, "fetch", what="--revalidate")
+                if missing is None:
+                    raise
+    if missing is not None:
+        checked = "hashes and signature" if signature_checked else "hashes"
+        raise MissingExtraError(
+            f"{out}: fetched, {checked} verified; not revalidated: {missing.message}",
+            hint="run without --revalidate, or install the extra and run again",
+        )
     return FetchResult(repo_id, variant, revision, commit, str(out), needed, total, True, signature_checked,
                        revalidated, warnings, round(time.monotonic() - started, 2))  # fmt: skip
 

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from release import __version__
 from release.atomic import atomic_file
 from release.checkpoint import open_checkpoint
+from release.choices import TOP_K
 from release.errors import BadInputError
 from release.formats.safetensors import save_small
 from release.inspect import describe
@@ -38,7 +39,6 @@ from release.validation.forward import open_forward
 
 FORMAT = "model-release-reference"
 FORMAT_VERSION = "1"
-TOP_K = 256
 _ROWS = 128  # predicted positions per log-softmax chunk
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -101,7 +101,7 @@ class TransformersRuntime(Runtime):
                 self.fwd = ResidentModel(path, device) if choice.mode == "resident" else StreamedModel(path, device)
         self.device = device
         self.vocab_size = self.fwd.vocab_size
-        from release.tensors import folder_metadata
+        from release.safetensors_header import folder_metadata
 
         meta = folder_metadata(path)
         self.recorded_hashes = tuple(meta[k] for k in ("source_checkpoint_hash", "origin_checkpoint_hash") if k in meta)
