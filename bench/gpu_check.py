@@ -6,6 +6,7 @@ Llama-2-7B-shaped checkpoint (random weights, generated here on the GPU):
   - reference on CUDA, resident (whole model on the GPU) and streamed (one layer at a time), and on
     the CPU for SmolLM2: time, peak GPU memory, and how far apart the stored log-probs are;
   - validation of the source folder itself in transformers on CUDA (a lossless variant: KL ~0);
+  - the importance matrix on CUDA, resident and streamed, against the CPU's (largest relative difference);
   - GPTQ 4-bit on CUDA and its validation, where GPTQModel imports (it needs torch >= 2.14.1).
 Each run is its own process (`gpu_check.py _run ...`), so peak memory is per run.
 
@@ -51,6 +52,12 @@ def worker(argv: list[str]) -> None:
         v = r.variants[0]
         out = {"forward": v.forward, "kind": v.kind, "passed": v.passed, "kl_mean": v.metrics["kl_mean"],
                "top1": v.metrics["top1_agreement"], "s_per_1000_tokens": v.seconds_per_1000_tokens}  # fmt: skip
+    elif kind == "imatrix":
+        src, dst, device, mode = rest
+        from release.formats.imatrix import collect_to_file
+
+        r = collect_to_file(Path(src), Path(dst), device=device, forward=mode, force=True)
+        out = {"forward": r.forward, "s_per_1000_tokens": round(r.seconds_per_1000_tokens, 3), "tokens": r.tokens}
     elif kind == "gptq":
         src, dst, device = rest
         from release.formats.gptq import GPTQSettings, quantize
@@ -90,6 +97,16 @@ def ref_diff(a: Path, b: Path) -> dict:
         "max_abs_top1_logprob_diff": float((x["topk_logprobs"][:, 0] - y["topk_logprobs"][:, 0]).abs().max()),
         "same_argmax": same_ids,
     }
+
+
+def imatrix_diff(a: Path, b: Path) -> dict:
+    import numpy as np
+
+    from release.formats.imatrix import read
+
+    x, y = read(a), read(b)
+    rel = max(float(np.max(np.abs(x.sums[n] - y.sums[n]) / np.maximum(np.abs(x.sums[n]), 1e-12))) for n in x.sums)
+    return {"entries": len(x.sums), "same_names": set(x.sums) == set(y.sums), "max_rel_diff": rel}
 
 
 def main() -> None:
@@ -136,6 +153,12 @@ def main() -> None:
         if (w / f"smol-{x}.st").is_file() and (w / f"smol-{y}.st").is_file():
             diffs[f"smollm2 {x} vs {y}"] = ref_diff(w / f"smol-{x}.st", w / f"smol-{y}.st")
     run(f"smollm2 validate lossless {dev}", "validate", str(smol), str(w / "smol-res.st"), dev, "auto", rows=rows)
+    run("smollm2 imatrix cpu", "imatrix", str(smol), str(w / "smol-cpu.imatrix"), "cpu", "resident", rows=rows)
+    for mode in ("resident", "streamed"):
+        run(f"smollm2 imatrix {dev} {mode}", "imatrix", str(smol), str(w / f"smol-{mode}.imatrix"), dev, mode,
+            rows=rows)  # fmt: skip
+        if (w / "smol-cpu.imatrix").is_file() and (w / f"smol-{mode}.imatrix").is_file():
+            diffs[f"smollm2 imatrix cpu vs {mode}"] = imatrix_diff(w / "smol-cpu.imatrix", w / f"smol-{mode}.imatrix")
     try:
         import gptqmodel  # noqa: F401
 
