@@ -617,7 +617,9 @@ def _llama_cpp() -> Any:
     try:
         import llama_cpp
     except ImportError as exc:
-        raise BadInputError(f"k-quant types need llama.cpp's quantizer (pip install llama-cpp-python): {exc}") from None
+        raise BadInputError(
+            f"k-quant and IQ types need llama.cpp's quantizer: pip install 'model-release[gguf]' ({exc})"
+        ) from None
     return llama_cpp
 
 
@@ -685,11 +687,6 @@ def _quantize_llama_cpp(
             raise CheckFailedError(f"{out.name}: llama.cpp did not record the importance matrix it was given")
     seconds = round(time.monotonic() - started, 3)
     return GGUFOutput(t.name, out.name, out.stat().st_size, dict(counts), fallbacks, seconds, imatrix=recorded)
-
-
-def describe_types() -> str:
-    """One line for --help."""
-    return ", ".join(gguf_types())
 
 
 # --- split sets (llama.cpp's `gguf-split` convention; names in gguf_names.py) ----------------

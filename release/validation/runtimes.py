@@ -153,7 +153,7 @@ class LlamaCppRuntime(Runtime):
         try:
             from llama_cpp import Llama
         except ImportError:
-            raise BadInputError("GGUF variants run in llama.cpp: pip install llama-cpp-python") from None
+            raise BadInputError("GGUF variants run in llama.cpp: pip install 'model-release[validate]'") from None
         try:
             self.llm = Llama(
                 model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, n_batch=512
