@@ -339,9 +339,10 @@ def plan_build(
     known = {k.upper(): v for k, v in data_file("gguf", "types.json")["types"].items()}
     split = gg.get("split_max_size")
     if "gguf" in wanted:
-        imatrix = _imatrix_step(rf, gg, cfg, gguf_types, known, src, gguf_dir, cli, ref_device, forward, forward_need)
-        if imatrix is not None and imatrix.argv:
-            steps.append(imatrix)
+        imatrix, collect = _imatrix_plan(rf, gg, cfg, gguf_types, known, src, gguf_dir, cli, ref_device, forward,
+                                         forward_need)  # fmt: skip
+        if collect is not None:
+            steps.append(collect)
         for t in gguf_types:
             out = gguf_dir / f"{rf.name}-{t}.gguf"
             args = [*cli, "gguf", str(main), "-o", str(gguf_dir), "-t", t, "--name", rf.name, "--force", *meta_args]
@@ -350,9 +351,9 @@ def plan_build(
             spec = known.get(t.upper(), {"bpw": 16, "via": "gguf"})
             deps, settings = ["convert"], {"meta": release}
             if spec["via"] == "llama.cpp":
-                args += ["--imatrix", str(imatrix.settings["file"]) if imatrix is not None else "none"]
-                deps += ["imatrix"] if imatrix is not None and imatrix.argv else []
-                settings["imatrix"] = imatrix.settings if imatrix is not None else None
+                args += ["--imatrix", imatrix["file"] if imatrix is not None else "none"]
+                deps += [collect.name] if collect is not None else []
+                settings["imatrix"] = imatrix
             steps.append(Step(f"gguf-{t}", "gguf", args, settings, deps, lambda o=out: variant_files(o),
                               res.gguf_need(shape, spec["bpw"], spec["via"])))  # fmt: skip
             variants.append({"name": t, "family": "gguf", "path": out, "after": f"gguf-{t}"})
@@ -412,7 +413,7 @@ def plan_build(
     return Plan(dist, steps, variants)
 
 
-def _imatrix_step(
+def _imatrix_plan(
     rf: ReleaseFile,
     gg: dict[str, Any],
     cfg: dict[str, Any],
@@ -424,22 +425,23 @@ def _imatrix_step(
     device: str,
     forward: str,
     need: Need,
-) -> Step | None:
-    """The importance matrix the llama.cpp types are quantized with: collected from the source
-    (``auto``, the default; a step whose output ships in the GGUF folder), a given file (no step:
-    ``argv`` empty), or none. None when no type would use one."""
+) -> tuple[dict[str, Any] | None, Step | None]:
+    """The importance matrix the llama.cpp types are quantized with, as (its settings, with the
+    file the gguf steps get, or None: no imatrix; the step that collects it, or None). ``auto``,
+    the default, collects it from the source in a step whose output ships in the GGUF folder; a
+    given file is used as it is; ``none`` or no llama.cpp type: none."""
     if not any(known.get(t.upper(), {}).get("via") == "llama.cpp" for t in types):
-        return None
+        return None, None
     choice = str(gg.get("imatrix", "auto"))
     if choice == "none":
-        return None
+        return None, None
     if choice != "auto":
         given = rf.relative(choice)
         if not given.is_file():
             raise BadInputError(
                 f"{rf.path}:{rf.line(['variants', 'gguf', 'imatrix'])}: imatrix file {given} does not exist"
             )
-        return Step("imatrix", "gguf", [], {"file": str(given), "given": _fingerprint([given])}, [], lambda: [], need)
+        return {"file": str(given), "given": _fingerprint([given])}, None
     out = gguf_dir / f"{rf.name}.imatrix"
     calibration = gg.get("calibration") or (cfg.get("gptq") or {}).get("calibration")
     args = [*cli, "imatrix", str(src), "-o", str(out), "--force", "--device", device, "--forward", forward]
@@ -447,7 +449,7 @@ def _imatrix_step(
     if calibration:
         args += ["--calibration", str(rf.relative(calibration))]
         settings["calibration"] = _fingerprint([rf.relative(calibration)])
-    return Step("imatrix", "gguf", args, settings, [], lambda: [out], need)
+    return settings, Step("imatrix", "gguf", args, settings, [], lambda: [out], need)
 
 
 def _kind(v: dict[str, Any], st: dict[str, Any]) -> str:

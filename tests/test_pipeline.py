@@ -207,3 +207,34 @@ def test_only_one_family_plans_no_release_steps(smollm2, cli, tmp_path):
     assert {"gptq", "validate-gptq", "validate-safetensors", "card", "manifest"} <= set(full)
     r = cli("build", tmp_path / "release.yaml", "-o", tmp_path / "dist", "--only", "gguf,onnx")
     assert r.exit_code == 2 and "onnx" in r.stderr and not (tmp_path / "dist").exists()
+
+
+@pytest.mark.real_model
+def test_imatrix_setting_plans_a_collecting_step_a_given_file_or_none(smollm2, tmp_path):
+    """variants.gguf.imatrix: auto (a step the k-quants depend on; Q8_0 does not), a given file (no
+    step; its path and fingerprint go to the k-quant steps), none; a missing file is refused with its line."""
+    from release.errors import BadInputError
+    from release.pipeline import load_release_file, plan_build
+
+    def plan(**gguf: object) -> dict:
+        rf = load_release_file(_release_file(tmp_path / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"], **gguf}))
+        return {s.name: s for s in plan_build(rf, tmp_path / "dist", only={"gguf"}).steps}
+
+    auto = plan()
+    im_file = str(tmp_path / "dist" / f"{NAME}-1.0" / f"{NAME}-GGUF" / f"{NAME}.imatrix")
+    assert auto["imatrix"].argv[3:5] == ["imatrix", str(smollm2.hf)] and im_file in auto["imatrix"].argv
+    assert "imatrix" in auto["gguf-Q4_K_M"].deps and "imatrix" not in auto["gguf-Q8_0"].deps
+    assert auto["gguf-Q4_K_M"].argv[-2:] == ["--imatrix", im_file] and "--imatrix" not in auto["gguf-Q8_0"].argv
+
+    given = tmp_path / "mine.imatrix"
+    given.write_bytes(b"imatrix bytes")
+    steps = plan(imatrix=str(given))
+    assert "imatrix" not in steps and "imatrix" not in steps["gguf-Q4_K_M"].deps
+    assert steps["gguf-Q4_K_M"].argv[-2:] == ["--imatrix", str(given)]
+    assert steps["gguf-Q4_K_M"].settings["imatrix"]["given"][0][1] == len(b"imatrix bytes")
+
+    none = plan(imatrix="none")
+    assert "imatrix" not in none and none["gguf-Q4_K_M"].argv[-2:] == ["--imatrix", "none"]
+
+    with pytest.raises(BadInputError, match=r"release\.yaml:\d+: imatrix file .*missing\.imatrix does not exist"):
+        plan(imatrix=str(tmp_path / "missing.imatrix"))

@@ -37,7 +37,7 @@ from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_ten
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
 from release.formats import gguf_quants
 from release.formats import imatrix as imatrix_fmt
-from release.formats.gguf_names import variant_files
+from release.formats.gguf_names import tensor_name_map, variant_files
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
 from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
@@ -115,11 +115,8 @@ def plan_gguf(ckpt: Checkpoint) -> tuple[Architecture, list[PlannedTensor]]:
     """Checkpoint tensors (checked against the architecture, tied copies dropped) with GGUF names."""
     plan = plan_tensors(ckpt)
     arch = plan.architecture
-    spec = arch.spec.get("gguf")
-    if not spec:
-        raise BadInputError(f"architecture {arch.name} has no GGUF description (release/data/architectures)")
-    model_arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[spec["arch"]]
-    name_map = gguf.get_tensor_name_map(model_arch, arch.num_layers)
+    name_map = tensor_name_map(arch)
+    spec = arch.spec["gguf"]
     check_tied(ckpt, plan)
     out = []
     for ref in plan.tensors:
@@ -652,8 +649,9 @@ def _quantize_llama_cpp(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = t.file_type.value
     params.nthread = os.cpu_count() or 1
-    inputs = imatrix_fmt.QuantizerInputs(llama_cpp, im, im_file) if im is not None else None
-    if inputs is not None:
+    inputs = None  # its ctypes arrays must outlive the call that reads them
+    if im is not None:
+        inputs = imatrix_fmt.QuantizerInputs(llama_cpp, im, im_file)
         inputs.apply(params)
     with _quiet_llama_logs() as log:
         rc = llama_cpp.llama_model_quantize(str(inter).encode(), str(out).encode(), params)

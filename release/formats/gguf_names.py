@@ -1,13 +1,19 @@
 """How GGUF variants are named on disk: ``NAME-TYPE.gguf``, or llama.cpp's split set
-``NAME-TYPE-00001-of-0000N.gguf`` ... (the ``gguf-split`` convention). Kept apart from the writer
-(which imports torch, gguf and llama.cpp) so that the pipeline, manifests, cards and validation can
-name a variant's files cheaply."""
+``NAME-TYPE-00001-of-0000N.gguf`` ... (the ``gguf-split`` convention), and what GGUF calls an
+architecture's tensors. Kept apart from the writer (which imports torch, gguf and llama.cpp) so that
+the pipeline, manifests, cards and validation can name a variant's files cheaply."""
 
 from __future__ import annotations
 
 import glob
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from release.errors import BadInputError
+
+if TYPE_CHECKING:
+    from release.architectures import Architecture
 
 SPLIT_SUFFIX = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
@@ -25,3 +31,15 @@ def variant_files(path: Path) -> list[Path]:
     five = "[0-9]" * 5
     parts = sorted(path.parent.glob(f"{glob.escape(path.stem)}-{five}-of-{five}.gguf"))
     return [p for p in parts if set_name(p.name) == path.name]
+
+
+def tensor_name_map(arch: Architecture) -> Any:
+    """``gguf.TensorNameMap`` of an architecture (its ``gguf.arch`` in release/data/architectures):
+    HF tensor names -> the names llama.cpp's graph gives them (``blk.3.attn_q.weight`` ...)."""
+    import gguf
+
+    spec = arch.spec.get("gguf")
+    if not spec:
+        raise BadInputError(f"architecture {arch.name} has no GGUF description (release/data/architectures)")
+    model_arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[spec["arch"]]
+    return gguf.get_tensor_name_map(model_arch, arch.num_layers)

@@ -143,6 +143,7 @@ def collect(
 
     from release.calibration import build_calibration
     from release.checkpoint import open_checkpoint, plan_tensors
+    from release.formats.gguf_names import tensor_name_map
     from release.validation.forward import open_forward
 
     started = time.monotonic()
@@ -150,11 +151,10 @@ def collect(
     warn = warnings if warnings is not None else []
     with open_checkpoint(src) as ckpt:
         arch = plan_tensors(ckpt).architecture
-    spec, paths = arch.spec.get("gguf"), arch.spec.get("streamed_forward")
-    if not spec or not paths:
-        raise BadInputError(f"architecture {arch.name} has no GGUF or forward description for an imatrix")
-    model_arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[spec["arch"]]
-    names = gguf.get_tensor_name_map(model_arch, arch.num_layers)
+    names = tensor_name_map(arch)
+    paths = arch.spec.get("streamed_forward")
+    if not paths:
+        raise BadInputError(f"architecture {arch.name} has no forward description for an imatrix")
     tokenizer = _tokenizer(src)
     cal = build_calibration(calibration, tokenizer, seq_len=chunk_size, seed=seed, samples=chunks, warn=warn)
     sums: dict[str, torch.Tensor] = {}

@@ -150,6 +150,7 @@ def validate(
         finally:
             rt.close()
         metrics = acc.summary()
+        kl_all = acc.kl_values()  # every token's KL, once: the report's quantiles and its plot
         failures = _failures(metrics, limits)
         res = VariantResult(
             variant=str(path),
@@ -165,7 +166,7 @@ def validate(
             seconds_per_1000_tokens=round(compute / (int(ref.input_ids.numel()) / 1000), 3),
             forward=getattr(rt, "forward", ""),
             peak_anon_rss_bytes=peak_anon,
-            kl_quantiles=kl_quantiles(acc.kl_values()),
+            kl_quantiles=kl_quantiles(kl_all),
             quantization=dict(rt.quantization),
         )
         if write:
@@ -173,7 +174,7 @@ def validate(
                 from release.formats.gguf_names import set_name
 
                 path = path.with_name(set_name(path.name))
-            res.reports = write_reports(path, res, acc.kl_values(), ref, reports_dir)
+            res.reports = write_reports(path, res, kl_all, ref, reports_dir)
         results.append(res)
     return ValidationResult(reference=str(reference), passed=all(r.passed for r in results), variants=results)
 
