@@ -2,15 +2,20 @@
 
 A description lists the tensors a model must have, their shapes as expressions over config.json,
 which tensor may be tied to another, and which stored tensors are leftovers to drop. Adding an
-architecture with the same kind of layout is adding a JSON file.
+architecture with the same kind of layout is adding a JSON file. A description may ``extends``
+another (``llama``): dictionaries merge key by key, and ``null`` removes an inherited entry.
+
+``requires`` lists conditions over config values (``a == b or c == d``) that the runtimes we
+write for need; a config that breaks one is refused with its ``why`` rather than converted into
+a file that computes something else.
 """
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -35,46 +40,84 @@ def project_folder(name: str, env: str, marker: str) -> Path:
     return folder
 
 
-@cache
-def registry() -> dict[str, dict[str, Any]]:
-    folder = resources.files("release").joinpath("data", "architectures")
-    out = {}
-    for entry in folder.iterdir():
-        if entry.name.endswith(".json"):
-            spec = json.loads(entry.read_text(encoding="utf-8"))
-            out[spec["name"]] = spec
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in child.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 
-_TOKEN = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*|\d+|[*/])\s*")
+@cache
+def registry() -> dict[str, dict[str, Any]]:
+    folder = resources.files("release").joinpath("data", "architectures")
+    raw = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".json"):
+            spec = json.loads(entry.read_text(encoding="utf-8"))
+            raw[spec["name"]] = spec
+
+    def full(name: str) -> dict[str, Any]:
+        spec = raw[name]
+        parent = spec.get("extends")
+        return _merge(full(parent), spec) if parent else spec
+
+    return {name: full(name) for name in sorted(raw)}
 
 
 def evaluate(expr: str | int, values: dict[str, Any]) -> int:
-    """Evaluate ``a * b / c`` over config values (left to right, integer division must be exact)."""
+    """Evaluate a shape expression (``a * b + 2 * c``) over config values; a division must be exact."""
     if isinstance(expr, int):
         return expr
-    tokens = _TOKEN.findall(expr)
-    if "".join(tokens) != re.sub(r"\s+", "", expr):
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"bad shape expression {expr!r}") from None
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            value = values.get(node.id)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise BadInputError(f"config.json: {node.id} is missing or not an integer")
+            return value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            if b == 0 or a % b:
+                raise BadInputError(f"config.json: {expr} is not a whole number ({a} / {b})")
+            return a // b
         raise ValueError(f"bad shape expression {expr!r}")
 
-    def operand(tok: str) -> int:
-        if tok.isdigit():
-            return int(tok)
-        value = values.get(tok)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise BadInputError(f"config.json: {tok} is missing or not an integer")
-        return value
+    return ev(tree)
 
-    result = operand(tokens[0])
-    for op, tok in zip(tokens[1::2], tokens[2::2], strict=True):
-        value = operand(tok)
-        if op == "*":
-            result *= value
-        elif value == 0 or result % value:
-            raise BadInputError(f"config.json: {expr} is not a whole number ({result} / {value})")
-        else:
-            result //= value
-    return result
+
+_ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.Compare, ast.Eq, ast.NotEq, ast.Name, ast.Load,
+            ast.Constant, ast.BinOp, ast.Mult, ast.Div, ast.Add, ast.Sub, ast.UnaryOp, ast.Not)  # fmt: skip
+
+
+def check(expr: str, values: dict[str, Any]) -> bool:
+    """Evaluate a ``requires`` condition: names are config values (None when absent); only
+    comparisons, and/or/not and arithmetic are allowed (the data never runs code)."""
+    tree = ast.parse(expr, mode="eval")
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED):
+            raise ValueError(f"requires: {type(node).__name__} not allowed in {expr!r}")
+    names = {n.id: values.get(n.id) for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    try:
+        return bool(eval(compile(tree, "<requires>", "eval"), {"__builtins__": {}}, names))  # only the nodes allowed above
+    except (TypeError, ZeroDivisionError):
+        return False
 
 
 @dataclass
@@ -98,13 +141,27 @@ class Architecture:
         if missing:
             raise BadInputError(f"config.json lacks {', '.join(missing)} required for {self.name}")
         values = dict(self.config)
-        # transformers 5 moved rope_theta (and the scaling type) into a nested rope_parameters dict.
-        for k, v in (self.config.get("rope_parameters") or {}).items():
+        # transformers 5 moved rope_theta (and the scaling type) into a nested rope_parameters dict,
+        # one per layer type for models with local and global layers (Gemma 3): the global layers'
+        # are the model's, the local layers' get a _swa suffix.
+        rope = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
+        if isinstance(rope.get("full_attention"), dict):
+            for k, v in (rope.get("sliding_attention") or {}).items():
+                values.setdefault(f"{k}_swa", v)
+            rope = rope["full_attention"]
+        for k, v in rope.items():
             values.setdefault(k, v)
+        if isinstance(values.get("rope_scaling"), dict) and "rope_type" not in values:
+            values["rope_type"] = values["rope_scaling"].get("rope_type") or values["rope_scaling"].get("type")
+        if isinstance(values.get("layer_types"), list):
+            values["swa_layers"] = [t == "sliding_attention" for t in values["layer_types"]]
         for key, default in self.spec.get("config_defaults", {}).items():
             if values.get(key) is None:
                 values[key] = evaluate(default, values) if isinstance(default, str) else default
         self.values = values
+        for req in self.spec.get("requires", []):
+            if not check(req["check"], values):
+                raise BadInputError(f"config.json: {self.name} needs {req['check']}: {req['why']}")
 
     @property
     def num_layers(self) -> int:

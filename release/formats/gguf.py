@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from release import hashing
-from release.architectures import Architecture, data_file
+from release.architectures import Architecture, data_file, evaluate
 from release.atomic import fsync_path
 from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
-from release.formats import gguf_quants
+from release.formats import gguf_quants, gguf_rope as rope
 from release.formats import imatrix as imatrix_fmt
 from release.formats.gguf_names import tensor_name_map, variant_files
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
@@ -90,6 +90,8 @@ class PlannedTensor:
     permute_heads: int | None  # rotary row permutation (q/k projections)
 
     is_output: bool = False  # output.weight, or token_embd.weight when the two are tied
+    shift: float = 0.0  # added to the values (Gemma's norms are stored as w - 1)
+    generated: torch.Tensor | None = None  # computed from config.json (rope_freqs), not read
 
     @property
     def is_norm_or_vector(self) -> bool:
@@ -111,27 +113,53 @@ class PlannedTensor:
         return t.tensor_type if self.ref.shape[-1] % block == 0 else Q.F16
 
 
-def plan_gguf(ckpt: Checkpoint) -> tuple[Architecture, list[PlannedTensor]]:
-    """Checkpoint tensors (checked against the architecture, tied copies dropped) with GGUF names."""
+@dataclass
+class GGUFPlan:
+    """What one pass writes: the tensors in order, the per-layer scalars that llama.cpp takes as
+    metadata arrays instead (Apertus' xIELU), and the keys computed from config.json."""
+
+    arch: Architecture
+    tensors: list[PlannedTensor]
+    scalars: list[TensorRef] = field(default_factory=list)  # read for the source hash and the keys
+    keys: dict[str, list[float]] = field(default_factory=dict)
+
+
+def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
+    """Checkpoint tensors (checked against the architecture, tied copies dropped) with GGUF names,
+    plus the tensors llama.cpp's converter computes from config.json (rope frequency factors)."""
     plan = plan_tensors(ckpt)
     arch = plan.architecture
     name_map = tensor_name_map(arch)
     spec = arch.spec["gguf"]
     check_tied(ckpt, plan)
-    out = []
+    shift = spec.get("norm_shift") or {}
+    scalar_keys = {k: v for k, v in (spec.get("layer_scalars") or {}).items() if k != "comment"}
+    out = GGUFPlan(arch, [])
+    per_layer: dict[str, list[float]] = {}
     for ref in plan.tensors:
+        key = next((k for s, k in scalar_keys.items() if ref.name.endswith("." + s)), None)
+        if key is not None:
+            with ckpt.open(ref) as t:
+                per_layer.setdefault(key, []).append(float(t.float().reshape(-1)[0]))
+            out.scalars.append(ref)
+            continue
         name = name_map.get_name(ref.name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise BadInputError(f"tensor {ref.name} has no GGUF name for {spec['arch']}")
         heads = None
-        for suffix, key in spec.get("rope_permute", {}).items():
+        for suffix, k in (spec.get("rope_permute") or {}).items():
             if ref.name.endswith(suffix):
-                heads = int(arch.values[key])
-        out.append(PlannedTensor(ref, name, heads))
-    names = {pt.name for pt in out}
-    for pt in out:
+                heads = int(arch.values[k])
+        add = float(shift["add"]) if shift and ref.name.endswith(shift["suffix"]) else 0.0
+        out.tensors.append(PlannedTensor(ref, name, heads, shift=add))
+    out.keys = per_layer
+    for gguf_name, values in rope.extra_tensors(arch).items():
+        ref = TensorRef(f"({gguf_name}: computed from config.json)", "F32", tuple(values.shape), Path("config.json"))
+        out.tensors.append(PlannedTensor(ref, gguf_name, None, generated=values))
+    names = {pt.name for pt in out.tensors}
+    for pt in out.tensors:
         pt.is_output = pt.name == "output.weight" or (pt.name == "token_embd.weight" and "output.weight" not in names)
-    return arch, out
+    return out
 
 
 def permute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -144,6 +172,8 @@ class SourceTensor:
 
     def __init__(self, t: torch.Tensor, pt: PlannedTensor) -> None:
         self.t = permute_rows(t, pt.permute_heads) if pt.permute_heads else t
+        if pt.shift:
+            self.t = self.t.to(torch.float32) + pt.shift  # in float32, as transformers computes 1 + w
         self._f32: np.ndarray | None = None
 
     @property
@@ -177,25 +207,32 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     return n // block * size
 
 
-def _hparams(writer: gguf.GGUFWriter, arch: Architecture) -> None:
+def _hparams(writer: gguf.GGUFWriter, arch: Architecture, plan_keys: dict[str, list[float]]) -> None:
+    """The architecture's keys (release/data/architectures), its rope scaling and the per-layer
+    arrays read from scalar tensors."""
     spec = arch.spec["gguf"]
-    for key, (kind, source) in spec["keys"].items():
+    for key, (kind, source, *flags) in spec["keys"].items():
         value = arch.values.get(source)
+        if value is None and isinstance(source, str) and any(c in source for c in "*/+"):
+            value = evaluate(source, arch.values)
         if value is None:
+            if "optional" in flags:
+                continue
             raise BadInputError(f"config.json: {source} is missing (needed for GGUF key {key})")
         full = key.format(arch=spec["arch"])
         if kind == "uint32":
             writer.add_uint32(full, int(value))
-        else:
+        elif kind == "float32":
             writer.add_float32(full, float(value))
-    rope_type = arch.values.get("rope_type") or (arch.values.get("rope_scaling") or {}).get("rope_type")
-    if rope_type not in (None, "default"):
-        # Only linear scaling maps onto plain GGUF keys; llama3/yarn need extra tensors or keys we do not write yet.
-        factor = arch.values.get("factor") or (arch.values.get("rope_scaling") or {}).get("factor")
-        if rope_type != "linear" or factor is None:
-            raise BadInputError(f"config.json: rope scaling {rope_type!r} is not supported for GGUF yet")
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(factor))
+        elif kind == "bool_array":
+            writer.add_array(full, [bool(v) for v in value])
+        else:
+            raise ValueError(f"{arch.name}: unknown key type {kind!r} for {key}")
+    for key, values in plan_keys.items():
+        writer.add_array(key, values)
+    if spec.get("add_space_prefix") is not None:
+        writer.add_add_space_prefix(bool(spec["add_space_prefix"]))
+    rope.add_scaling_keys(writer, arch)
 
 
 class GGUFFile:
@@ -207,11 +244,11 @@ class GGUFFile:
         self,
         path: Path,
         gtype: GGUFType,
-        tensors: list[PlannedTensor],
-        arch: Architecture,
+        plan: GGUFPlan,
         vocab: GGUFVocab,
         meta: ReleaseMetadata,
     ) -> None:
+        tensors, arch = plan.tensors, plan.arch
         self.path = path
         self.gtype = gtype
         self.types = {pt.name: pt.tensor_type(gtype) for pt in tensors}
@@ -222,7 +259,7 @@ class GGUFFile:
         pending.to_gguf().set_gguf_meta_model(w)
         for k, v in pending.gguf_provenance().items():
             w.add_string(k, v)
-        _hparams(w, arch)
+        _hparams(w, arch, plan.keys)
         w.add_file_type(gtype.file_type.value)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.add_to(w)
@@ -398,7 +435,8 @@ def write_gguf(
         raise BadInputError(f"{im_target} exists (pass --force to replace it, or --imatrix {im_target} to use it)")
     warnings: list[str] = []
     with open_checkpoint(src) as ckpt:
-        arch, tensors = plan_gguf(ckpt)
+        plan = plan_gguf(ckpt)
+        arch, tensors = plan.arch, plan.tensors
         vocab = load_vocab(ckpt.root, int(arch.values["vocab_size"]))
         meta = meta.with_(source_format=ckpt.format, origin_checkpoint_hash=ckpt.recorded_origin())
         direct = [t for t in wanted if t.via == "gguf"]
@@ -423,8 +461,7 @@ def write_gguf(
             try:
                 files, source_hash = _write_direct(
                     ckpt,
-                    tensors,
-                    arch,
+                    plan,
                     vocab,
                     meta,
                     direct + ([known[inter_name]] if need_inter else []),
@@ -533,8 +570,7 @@ def _remove_if_failed(folder: Path, created: bool) -> Iterator[None]:
 
 def _write_direct(
     ckpt: Checkpoint,
-    tensors: list[PlannedTensor],
-    arch: Architecture,
+    plan: GGUFPlan,
     vocab: GGUFVocab,
     meta: ReleaseMetadata,
     types: list[GGUFType],
@@ -545,13 +581,22 @@ def _write_direct(
     warnings: list[str],
 ) -> tuple[dict[str, GGUFFile], str]:
     """The single pass over the source. Returns the files by type name and the source hash."""
-    files = {t.name: GGUFFile(tmp / f"{t.name}.gguf", t, tensors, arch, vocab, meta) for t in types}
+    files = {t.name: GGUFFile(tmp / f"{t.name}.gguf", t, plan, vocab, meta) for t in types}
     digests: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    tensors = plan.tensors
     reporter.start(f"writing GGUF {', '.join(files)}", sum(pt.ref.nbytes for pt in tensors))
     # The source hash runs on a helper thread (BLAKE3 releases the GIL) beside the conversion.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-hash")
     try:
+        for ref in plan.scalars:  # in the hash like every source tensor; their values are keys
+            with ckpt.open(ref) as t:
+                digests[ref.name] = (ref.dtype, ref.shape, hashing.tensor_digest(tensor_bytes(t), 1))
         for pt in tensors:
+            if pt.generated is not None:  # from config.json: not part of the checkpoint's hash
+                data = SourceTensor(pt.generated, pt)
+                for f in files.values():
+                    f.write(pt, data, allow_nonfinite=allow_nonfinite)
+                continue
             with ckpt.open(pt.ref) as t:
                 digest = pool.submit(hashing.tensor_digest, tensor_bytes(t), 1)
                 if has_nonfinite(t):

@@ -1,0 +1,231 @@
+"""Every architecture in release/data/architectures, proven on a tiny random model made with
+transformers' own classes (tests/tiny_archs.py): its F16 GGUF computes in llama.cpp what
+transformers computes in float32 (mean KL < 1e-4, same greedy tokens), Q8_0 and Q4_K_M load and
+run, the streamed forward pass gives the resident one's logits, and each kind of conversion
+mistake (a wrong q/k permutation, a missing bias, an unshifted norm, a lost rope scaling) is caught
+by the same comparison."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from release.architectures import registry
+from release.formats.gguf import write_gguf
+from tests.tiny_archs import ARCHS, make_model, save
+
+VOCAB = 49152  # the fixture's tokenizer
+N_TOKENS = 256
+F16_KL = 1e-4
+
+
+def _ids(seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [int(i) for i in rng.integers(100, VOCAB, N_TOKENS)]
+
+
+def _kl(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    p, q = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean()), float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+
+
+def _llama_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    from llama_cpp import Llama
+
+    m = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    try:
+        m.eval(ids)
+        return torch.tensor(np.array(m.scores[: len(ids)]))
+    finally:
+        m.close()
+
+
+def _greedy_llama(path: Path, ids: list[int], n: int) -> list[int]:
+    from llama_cpp import Llama
+
+    m = Llama(model_path=str(path), n_ctx=512, verbose=False, n_threads=2)
+    try:
+        out = []
+        for tok in m.generate(ids, temp=0.0, top_k=1, reset=True):
+            out.append(int(tok))
+            if len(out) == n:
+                return out
+        return out
+    finally:
+        m.close()
+
+
+@pytest.fixture(scope="module")
+def built(smollm2, tmp_path_factory):
+    """arch -> (source folder, float32 model, GGUF folder with F16, Q8_0, Q4_K_M)."""
+    out = {}
+    base = tmp_path_factory.mktemp("archs")
+    for arch in ARCHS:
+        model = make_model(arch, VOCAB)
+        src = save(model.to(torch.bfloat16), base / arch / "src", smollm2.hf)
+        model.float()  # the reference: the bf16 weights, computed in float32
+        write_gguf(src, base / arch / "gguf", ["F16", "Q8_0", "Q4_K_M"], name="m", imatrix="none")
+        out[arch] = (src, model, base / arch / "gguf")
+    return out
+
+
+def _spec(arch: str) -> dict:
+    return registry()["llama" if arch == "llama3" else arch]  # Llama 3 is llama.json with rope scaling
+
+
+def test_every_architecture_file_is_proven_here():
+    assert {"llama" if a == "llama3" else a for a in ARCHS} == set(registry())
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_f16_matches_transformers_and_quants_run(built, arch):
+    src, model, folder = built[arch]
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    kl, top1 = _kl(ref, _llama_logits(folder / "m-F16.gguf", ids))
+    print(f"{arch}: KL(transformers || llama.cpp F16) {kl:.2e}, top-1 {top1:.3f}")
+    assert kl < F16_KL and top1 > 0.95, (kl, top1)
+    # Greedy continuation: every token llama.cpp picks is transformers' argmax on the same path
+    # (or within 0.02 logits of it: random models have near-ties that float rounding may flip).
+    prompt = ids[:32]
+    path = _greedy_llama(folder / "m-F16.gguf", prompt, 16)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + path])).logits[0, len(prompt) - 1 : -1]
+    gaps = logits.max(-1).values - logits[torch.arange(len(path)), torch.tensor(path)]
+    assert len(path) == 16 and float(gaps.max()) < 0.02, gaps.tolist()
+    for q in ("Q8_0", "Q4_K_M"):
+        got = _llama_logits(folder / f"m-{q}.gguf", ids[:64])
+        assert torch.isfinite(got).all() and got.shape == (64, VOCAB)
+        kl_q, _ = _kl(ref[:64], got)
+        assert kl_q < 0.05, (q, kl_q)  # runs, and computes the same model (a broken one gives > 1)
+
+
+def _damage(path: Path, tensor: str, how) -> Path:
+    """A copy of a GGUF file with one tensor's values changed in place."""
+    bad = path.with_name("damaged.gguf")
+    shutil.copyfile(path, bad)
+    r = gguf.GGUFReader(bad, "r+")
+    t = next(t for t in r.tensors if t.name == tensor)
+    how(t.data)
+    r.data.flush()
+    del r
+    return bad
+
+
+def _unpermute(heads: int):
+    def undo(data: np.ndarray) -> None:
+        rows = data.shape[0]
+        # Interleaved (GGML) back to split halves: the mistake of a converter that forgets to permute.
+        data[...] = data.reshape(heads, rows // heads // 2, 2, -1).swapaxes(1, 2).reshape(data.shape).copy()
+
+    return undo
+
+
+DAMAGE = {
+    "wrong q/k permutation": ("llama3", "blk.0.attn_q.weight", _unpermute(4)),
+    "missing bias": ("qwen2", "blk.0.attn_q.bias", lambda d: d.__setitem__(..., 0)),
+    "norm not shifted by 1": ("gemma2", "blk.1.attn_norm.weight", lambda d: d.__isub__(1.0)),
+    "q/k norm lost": ("olmo2", "blk.0.attn_k_norm.weight", lambda d: d.__setitem__(..., 1.0)),
+    "llama3 rope scaling lost": ("llama3", "rope_freqs.weight", lambda d: d.__setitem__(..., 1.0)),
+}
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("mistake", list(DAMAGE))
+def test_each_conversion_mistake_is_caught(built, mistake):
+    arch, tensor, how = DAMAGE[mistake]
+    _, model, folder = built[arch]
+    ids = _ids(1)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    kl_good, _ = _kl(ref, _llama_logits(folder / "m-F16.gguf", ids))
+    kl_bad, _ = _kl(ref, _llama_logits(_damage(folder / "m-F16.gguf", tensor, how), ids))
+    print(f"{mistake}: KL {kl_good:.2e} -> {kl_bad:.2e}")
+    assert kl_good < F16_KL < kl_bad, (kl_good, kl_bad)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("arch", [a for a in ARCHS if _spec(a).get("streamed_forward")])
+def test_streamed_forward_gives_the_resident_logits(built, arch):
+    from release.validation.forward import ResidentModel, StreamedModel
+
+    src = built[arch][0]
+    prompts = [_ids(2)[:40], _ids(3)[:17]]
+    resident = list(ResidentModel(src, "cpu").logits(prompts))
+    streamed_model = StreamedModel(src, "cpu")
+    try:
+        streamed = list(streamed_model.logits(prompts))
+    finally:
+        streamed_model.close()
+    for a, b in zip(resident, streamed, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), float((a - b).abs().max())
+
+
+def test_streamed_forward_refused_where_not_described(built, cli, tmp_path):
+    """Gemma's embedding scale and logit soft-capping live in its model's forward, which the
+    streamed pass does not call: refused with one line, never computed without them."""
+    src = built["gemma2"][0]
+    r = cli("reference", src, "-o", tmp_path / "ref.safetensors", "--forward", "streamed")
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert "gemma2 has no streamed forward description" in r.error_lines[-1]
+
+
+def _config_refused(built, cli, tmp_path, arch: str, change: dict, expect: str) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(built[arch][0], src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **change}))
+    r = cli("gguf", src, "-o", tmp_path / "out", "--type", "F16")
+    assert r.exit_code == 2 and expect in r.error_lines[0], r.stdout + r.stderr
+    assert len(r.error_lines) <= 2 and not (tmp_path / "out").exists()
+
+
+def test_what_llama_cpp_cannot_compute_is_refused(built, cli, tmp_path):
+    # Gemma 2 with a query scale llama.cpp does not apply.
+    _config_refused(built, cli, tmp_path / "a", "gemma2", {"query_pre_attn_scalar": 100}, "query_pre_attn_scalar")
+    # A rope scaling this architecture's GGUF cannot carry.
+    yarn = {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}
+    _config_refused(built, cli, tmp_path / "b", "olmo2", yarn, "rope scaling 'yarn' is not supported for olmo2")
+    # Qwen2 with sliding-window layers.
+    _config_refused(built, cli, tmp_path / "c", "qwen2", {"use_sliding_window": True}, "sliding-window")
+
+
+@pytest.mark.real_model
+def test_olmo2_release_builds_end_to_end(built, cli, tmp_path):
+    """`build` on a non-Llama architecture (OLMo 2, the base of Fully Open Meditron's 32B):
+    safetensors, GGUF with the importance matrix, GPTQ, reference, validation, cards, manifest."""
+    import yaml
+
+    src = built["olmo2"][0]
+    release = {
+        "release": {"name": "Tiny-OLMo2-demo", "version": "1.0", "license": "apache-2.0",
+                    "repo_url": "https://huggingface.co/example/Tiny-OLMo2-demo",
+                    "base_models": [{"name": "OLMo-2-1124-7B", "organization": "allenai", "license": "apache-2.0"}]},
+        "source": {"path": str(src)},
+        "variants": {"safetensors": {"dtype": "keep"}, "gguf": {"types": ["Q8_0", "Q4_K_M"]},
+                     "gptq": {"bits": 4, "samples": 8, "seq_len": 128}},
+        # A random model's top-1 flips on near-ties that a trained model does not have; KL is kept.
+        "evaluation": {"thresholds": {"gguf-Q4_K_M": {"min_top1": 0.5}, "gptq-4bit": {"min_top1": 0.3}}},
+    }  # fmt: skip
+    (tmp_path / "release.yaml").write_text(yaml.safe_dump(release, sort_keys=False))
+    r = cli("build", tmp_path / "release.yaml", "-o", tmp_path / "dist", "--jobs", "2", "--json")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    rows = {v["variant"]: v for v in out["variants"]}
+    assert set(rows) == {"keep", "Q8_0", "Q4_K_M", "gptq-4bit"}
+    assert all(v["passed"] for v in rows.values()), rows
+    assert rows["keep"]["kl_mean"] < 1e-9 and rows["Q8_0"]["kl_mean"] < 1e-3
+    dist = Path(out["release_dir"])
+    manifest = json.loads((dist / "Tiny-OLMo2-demo-GGUF" / "release-manifest.json").read_text())
+    assert {f["path"] for f in manifest["files"]} >= {"Tiny-OLMo2-demo-Q8_0.gguf", "Tiny-OLMo2-demo.imatrix"}
+    r = gguf.GGUFReader(dist / "Tiny-OLMo2-demo-GGUF" / "Tiny-OLMo2-demo-Q4_K_M.gguf")
+    assert r.get_field("general.architecture").contents() == "olmo2"
+    assert "olmo2" in (dist / "Tiny-OLMo2-demo" / "README.md").read_text().lower()
