@@ -102,6 +102,23 @@ def evaluate(expr: str | int, values: dict[str, Any]) -> int:
     return ev(tree)
 
 
+def eval_number(expr: str, values: dict[str, Any]) -> float:
+    """A float expression over config values (``hidden_size ** 0.5``): names, numbers, + - * / **."""
+    ops = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__, ast.Div: float.__truediv__,
+           ast.Pow: float.__pow__}  # fmt: skip
+
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.Name) and isinstance(values.get(node.id), (int, float)):
+            return float(values[node.id])
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.left), ev(node.right))
+        raise BadInputError(f"cannot evaluate {expr!r} over config.json")
+
+    return ev(ast.parse(expr, mode="eval").body)
+
+
 _ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.Compare, ast.Eq, ast.NotEq, ast.Name, ast.Load,
             ast.Constant, ast.BinOp, ast.Mult, ast.Div, ast.Add, ast.Sub, ast.UnaryOp, ast.Not)  # fmt: skip
 
@@ -115,7 +132,8 @@ def check(expr: str, values: dict[str, Any]) -> bool:
             raise ValueError(f"requires: {type(node).__name__} not allowed in {expr!r}")
     names = {n.id: values.get(n.id) for n in ast.walk(tree) if isinstance(n, ast.Name)}
     try:
-        return bool(eval(compile(tree, "<requires>", "eval"), {"__builtins__": {}}, names))  # only the nodes allowed above
+        # Only the nodes allowed above, no builtins: comparisons of config values.
+        return bool(eval(compile(tree, "<requires>", "eval"), {"__builtins__": {}}, names))
     except (TypeError, ZeroDivisionError):
         return False
 

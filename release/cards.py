@@ -304,7 +304,8 @@ def license_section(decision: LicenseDecision, meta: ReleaseMetadata) -> str:
     w = license_info(decision.weights_license or "")
     c = license_info(decision.code_license)
     shipped = ", ".join(f"`{f.name}`" for f in decision.files)
-    lines = [
+    lines = [f"**{decision.display}**\n"] if decision.display else []
+    lines += [
         f"The weights are released under the [{w['name']}]({w['link']}) (`{decision.weights_license}`): "
         f"see {shipped} in this repository, which {'ships' if len(decision.files) == 1 else 'ship'} "
         "with every copy.",

@@ -27,8 +27,42 @@ def licenses_dir() -> Path:
 
 
 @cache
-def registry() -> dict[str, dict[str, Any]]:
+def _shipped_registry() -> dict[str, dict[str, Any]]:
     return json.loads((licenses_dir() / "registry.json").read_text(encoding="utf-8"))["licenses"]
+
+
+# Licenses a release file declares itself (the Gemma Terms of Use, ...): id -> registry-shaped entry.
+_CUSTOM: dict[str, dict[str, Any]] = {}
+
+
+def registry() -> dict[str, dict[str, Any]]:
+    return {**_shipped_registry(), **_CUSTOM}
+
+
+registry.cache_clear = _shipped_registry.cache_clear  # type: ignore[attr-defined]
+
+
+def register_custom(lic: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A license the registry cannot ship, declared in a release file with ``id``, ``name``,
+    ``link`` and ``text`` (a path relative to the release file). Its text ships as LICENSE, pinned
+    to the sha256 it has now; on the Hub it is ``license: other`` with that name and link."""
+    missing = [k for k in ("id", "name", "link", "text") if not lic.get(k)]
+    if missing:
+        raise BadInputError(f"custom license {lic.get('id', '?')!r} lacks {', '.join(missing)}")
+    if lic["id"] in _shipped_registry():
+        raise BadInputError(f"custom license id {lic['id']!r} is a registry license; use it by its id")
+    text = (base / lic["text"]).resolve()
+    if not text.is_file():
+        raise BadInputError(f"custom license {lic['id']!r}: text file {text} does not exist")
+    entry = {
+        "name": lic["name"], "spdx": None, "hf_id": None, "link": lic["link"],
+        "propagates": bool(lic.get("propagates", True)),
+        "files": [{"source": str(text), "ship_as": "LICENSE", "sha256": hashlib.sha256(text.read_bytes()).hexdigest()}],
+        "notice": lic.get("notice"), "custom": True,
+        "obligations": [f"Follow the {lic['name']} ({lic['link']}), shipped as LICENSE with every copy."],
+    }  # fmt: skip
+    _CUSTOM[lic["id"]] = entry
+    return entry
 
 
 def license_info(license_id: str) -> dict[str, Any]:
@@ -53,6 +87,8 @@ class LicenseDecision:
     inherited: dict[str, list[str]]  # license id -> base models it comes from
     files: list[ShippedFile] = field(default_factory=list)
     notice: str | None = None
+    display: str | None = None  # a phrase the agreement asks every release to show ("Built with Llama")
+    copyright: list[str] = field(default_factory=list)  # lines for a license text that needs them (MIT)
     obligations: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 
@@ -97,6 +133,22 @@ def decide(meta: Any) -> LicenseDecision:
     decision = LicenseDecision(weights, code, inherited, violations=violations)
     if weights:
         info = license_info(weights)
+        prefix = info.get("name_prefix")
+        name = getattr(meta, "name", None) or ""
+        if prefix and not name.startswith(prefix):
+            violations.append(
+                f"The model is named {name!r}, but the {info['name']} (section 1.b.i) asks that a model built "
+                f'from it and distributed have "{prefix}" at the beginning of its name: rename it, e.g. '
+                f"{prefix}-{name}."
+            )
+        decision.display = info.get("display")
+        if info.get("copyright_from_base"):
+            decision.copyright = [b.copyright for b in meta.base_models if getattr(b, "copyright", None)]
+            if not decision.copyright:
+                violations.append(
+                    f"The {info['name']} text must carry the copyright line of the work: declare it as "
+                    'base_models[].copyright (e.g. "Copyright (c) Microsoft Corporation.").'
+                )
         decision.files = [ShippedFile(f["ship_as"], f["source"], weights) for f in info["files"]]
         decision.notice = info.get("notice")
         if decision.notice:
@@ -116,9 +168,11 @@ def write_license_files(decision: LicenseDecision, folder: Path) -> list[str]:
         if f.source == "generated":
             data = (decision.notice or "").encode() + b"\n"
         else:
-            data = (licenses_dir() / f.source).read_bytes()
+            data = (licenses_dir() / f.source).read_bytes()  # a custom license's source is absolute
             if hashlib.sha256(data).hexdigest() != pins[f.source]:
-                raise CheckFailedError(f"licenses/{f.source} differs from its pinned text; licenses ship verbatim")
+                raise CheckFailedError(f"{f.source} differs from its pinned text; licenses ship verbatim")
+            if b"{copyright}" in data:  # the MIT text: its copyright line comes from the base model
+                data = data.replace(b"{copyright}", "\n".join(decision.copyright).encode())
         with atomic_file(folder / f.name, force=True) as tmp:
             tmp.write_bytes(data)
         written.append(f.name)

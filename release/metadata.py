@@ -26,6 +26,7 @@ class BaseModel:
     organization: str | None = None
     repo_url: str | None = None
     license: str | None = None
+    copyright: str | None = None  # the base model's copyright line, for licenses that ship it (MIT)
 
     @classmethod
     def from_repo(cls, repo_id: str, license: str | None = None) -> BaseModel:
@@ -58,6 +59,8 @@ class ReleaseMetadata:
     citation: str | None = None
     source_repo_url: str | None = None  # where the source checkpoint came from (GGUF general.source.*)
     quantized_by: str | None = None
+    # Licenses the registry cannot ship, declared in the release file: ({id, name, link, text}, ...)
+    licenses: tuple[dict[str, Any], ...] = ()
     tool: str = TOOL_NAME
     tool_version: str = __version__
 
@@ -92,10 +95,14 @@ class ReleaseMetadata:
             raise BadInputError(f"{path}: unknown release metadata field(s) {', '.join(unknown)}")
         try:
             bases = tuple(BaseModel(**b) for b in raw.pop("base_models", []) or [])
-            lists = {k: tuple(raw.pop(k) or ()) for k in ("languages", "datasets", "tags") if k in raw}
+            lists = {k: tuple(raw.pop(k) or ()) for k in ("languages", "datasets", "tags", "licenses") if k in raw}
             meta = cls(**raw, **lists, base_models=bases)
         except TypeError as exc:
             raise BadInputError(f"{path}: bad release metadata ({exc})") from None
+        from release.licensing import register_custom
+
+        for lic in meta.licenses:
+            register_custom(dict(lic), path.parent)
         meta.check()
         return meta
 

@@ -160,6 +160,20 @@ def load_release_file(path: Path) -> ReleaseFile:
     return rf
 
 
+def _dist_copy(rf: ReleaseFile) -> bytes:
+    """The release file the steps read (``--metadata``) from the dist folder: as written, except
+    that custom license texts are named by absolute path (they are relative to the original)."""
+    import yaml
+
+    customs = (rf.data.get("release") or {}).get("licenses") or []
+    if not customs:
+        return rf.path.read_bytes()
+    data = json.loads(json.dumps(rf.data))
+    for lic in data["release"]["licenses"]:
+        lic["text"] = str((rf.path.parent / lic["text"]).resolve())
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode()
+
+
 # --- steps and records ---------------------------------------------------------------------------
 
 
@@ -542,9 +556,10 @@ def build(
     logs = plan.dist / WORK_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     copy = plan.dist / "release.yaml"
-    if not copy.is_file() or copy.read_bytes() != rf.path.read_bytes():
+    body = _dist_copy(rf)
+    if not copy.is_file() or copy.read_bytes() != body:
         with atomic_file(copy, force=True) as tmp:
-            tmp.write_bytes(rf.path.read_bytes())
+            tmp.write_bytes(body)
     _tidy(plan, rf)
     records = Records(plan.dist)
     results: dict[str, StepResult] = {}

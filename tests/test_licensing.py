@@ -78,10 +78,11 @@ def release_dir(tmp_path: Path, tiny, meta: dict, *, gguf_dir: bool = False) -> 
 
 
 def test_license_texts_are_verbatim_copies():
-    assert sorted(pinned_sources()) == ["APACHE-2.0.txt", "LLAMA2_COMMUNITY_LICENSE.txt", "LLAMA2_USE_POLICY.md"]
+    registry = json.loads((LICENSES / "registry.json").read_text())["licenses"]
+    shipped = {f["source"] for lic in registry.values() for f in lic["files"]}
+    assert sorted(pinned_sources()) == sorted(shipped)
     for name in pinned_sources():
         verbatim(name)
-    registry = json.loads((LICENSES / "registry.json").read_text())["licenses"]
     for lic in registry.values():
         for f in lic["files"]:
             assert sha256(LICENSES / f["source"]) == f["sha256"]
@@ -205,3 +206,145 @@ def test_tampered_license_text_is_not_shipped(tmp_path, tiny, monkeypatch):
             render_cards(root)
     finally:
         licensing.registry.cache_clear()
+
+
+# ---- Llama 3.x, MIT, custom licenses, embedded licenses (issue 13) ------------------------------
+
+MEDITRON3 = {
+    "name": "Llama-3.1-Meditron3-mini",
+    "version": "1.0",
+    "license": "llama3.1",
+    "repo_url": "https://huggingface.co/example/Llama-3.1-Meditron3-mini",
+    "base_models": [{"name": "Llama-3.1-8B", "organization": "meta-llama", "license": "llama3.1"}],
+}
+
+
+LLAMA3_VERSIONS = [
+    ("llama3", "LLAMA3", "Meta Llama 3"),
+    ("llama3.1", "LLAMA3_1", "Llama 3.1"),
+    ("llama3.2", "LLAMA3_2", "Llama 3.2"),
+    ("llama3.3", "LLAMA3_3", "Llama 3.3"),
+]
+
+
+@pytest.mark.parametrize(("lic", "stem", "version"), LLAMA3_VERSIONS)
+def test_llama3_derivative_ships_agreement_policy_notice_and_built_with_llama(tmp_path, tiny, cli, lic, stem, version):
+    meta = {**MEDITRON3, "license": lic, "base_models": [{"name": "Llama-3-base", "license": lic}]}
+    root = release_dir(tmp_path, tiny, meta, gguf_dir=True)
+    r = cli("card", root)
+    assert r.exit_code == 0, r.stderr
+    for folder in (root / "model", root / "gguf"):
+        assert (folder / "LICENSE").read_bytes() == verbatim(f"{stem}_COMMUNITY_LICENSE.txt")
+        assert (folder / "USE_POLICY.md").read_bytes() == verbatim(f"{stem}_USE_POLICY.md")
+        notice = (folder / "NOTICE").read_text().strip()
+        # The attribution sentence is the one the agreement itself quotes (section 1.b.iii).
+        assert (
+            notice.startswith(f"{version} is licensed under")
+            and f"“{notice}”" in verbatim(f"{stem}_COMMUNITY_LICENSE.txt").decode()
+        )
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.license == lic and "**Built with Llama**" in card.text
+
+
+def test_llama3_derivative_name_must_begin_with_llama(tmp_path, cli):
+    path = tmp_path / "release.yaml"
+    path.write_text(yaml.safe_dump({**MEDITRON3, "name": "Meditron3-8B"}))
+    r = cli("license", "check", path)
+    assert r.exit_code == 1
+    assert "'Meditron3-8B'" in r.error_lines[-1] and '"Llama" at the beginning of its name' in r.error_lines[-1]
+    assert "section 1.b.i" in r.error_lines[-1]
+
+
+def test_llama3_weights_cannot_be_relicensed_or_merged_with_llama2(tmp_path, cli):
+    path = tmp_path / "release.yaml"
+    path.write_text(yaml.safe_dump({**MEDITRON3, "license": "apache-2.0"}))
+    r = cli("license", "check", path)
+    assert r.exit_code == 1 and "declare license llama3.1" in r.error_lines[-1]
+    merged = {**MEDITRON3, "license": None, "base_models": [*MEDITRON3["base_models"], MEDITRON["base_models"][0]]}
+    path.write_text(yaml.safe_dump(merged))
+    r = cli("license", "check", path)
+    assert r.exit_code == 1 and "cannot be merged" in r.stderr
+
+
+def test_mit_license_carries_the_base_models_copyright(tmp_path, tiny, cli):
+    meta = {"name": "Phi-3-Meditron-mini", "license": "mit",
+            "base_models": [{"name": "Phi-3-mini-4k-instruct", "organization": "microsoft", "license": "mit",
+                             "copyright": "Copyright (c) Microsoft Corporation."}]}  # fmt: skip
+    root = release_dir(tmp_path, tiny, meta)
+    assert cli("card", root).exit_code == 0
+    text = (root / "model" / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) Microsoft Corporation.\n\nPermission is hereby granted")
+    assert "{copyright}" not in text and ModelCard.load(root / "model" / "README.md").data.license == "mit"
+    no_line = {**meta, "base_models": [{**meta["base_models"][0], "copyright": None}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(no_line))
+    r = cli("license", "check", tmp_path / "r.yaml")
+    assert r.exit_code == 1 and "base_models[].copyright" in r.error_lines[-1]
+
+
+def test_custom_license_is_shipped_hashed_and_named_on_the_hub(tmp_path, tiny, cli):
+    (tmp_path / "terms").mkdir()
+    terms = tmp_path / "terms" / "gemma-terms.txt"
+    terms.write_text("Gemma Terms of Use (a stand-in text for the test)\n")
+    meta = {"name": "Gemma-Meditron-mini", "license": "gemma",
+            "repo_url": "https://huggingface.co/example/Gemma-Meditron-mini",
+            "licenses": [{"id": "gemma", "name": "Gemma Terms of Use", "link": "https://ai.google.dev/gemma/terms",
+                          "text": "../terms/gemma-terms.txt"}],
+            "base_models": [{"name": "gemma-2-9b", "organization": "google", "license": "gemma"}]}  # fmt: skip
+    root = release_dir(tmp_path, tiny, meta)
+    r = cli("card", root)
+    assert r.exit_code == 0, r.stderr
+    assert (root / "model" / "LICENSE").read_bytes() == terms.read_bytes()
+    data = ModelCard.load(root / "model" / "README.md").data
+    assert (data.license, data.license_name, data.license_link) == (
+        "other",
+        "gemma",
+        "https://ai.google.dev/gemma/terms",
+    )
+    assert cli("manifest", root).exit_code == 0
+    manifest = json.loads((root / "model" / "release-manifest.json").read_text())
+    assert {f["path"]: f["sha256"] for f in manifest["files"]}["LICENSE"] == sha256(terms)
+    # Declared under a permissive license instead: refused, as for any propagating license.
+    (root / "release.yaml").write_text(yaml.safe_dump({**meta, "license": "apache-2.0"}))
+    r = cli("license", "check", root / "release.yaml")
+    assert r.exit_code == 1 and "declare license gemma" in r.error_lines[-1]
+
+
+def test_artefacts_whose_embedded_license_disagrees_are_refused(tmp_path, tiny, cli):
+    """A folder built under apache-2.0, then carded as llama2: its weights still say apache-2.0.
+    manifest refuses it naming the file and both licenses (and so do sign and publish)."""
+    root = release_dir(tmp_path, tiny, {**SMOL, "repo_url": "https://huggingface.co/example/SmolLM2-mini"})
+    assert cli("card", root).exit_code == 0 and cli("manifest", root).exit_code == 0
+    signed_before = json.loads((root / "model" / "release-manifest.json").read_text())
+    (root / "release.yaml").write_text(yaml.safe_dump({**MEDITRON, "name": "SmolLM2-mini"}))
+    (root / "model" / "release-manifest.json").unlink()
+    assert cli("card", root).exit_code == 0  # the card and LICENSE now say llama2
+    r = cli("manifest", root)
+    assert r.exit_code == 1
+    line = r.error_lines[-1]
+    assert "model.safetensors" in line and "'apache-2.0'" in line and "'llama2'" in line
+    assert not (root / "model" / "release-manifest.json").exists()
+    from release.signing import keygen, sign_folder
+
+    priv, _ = keygen(tmp_path / "keys")
+    signed_before["licenses"]["weights"] = "llama2"  # a manifest that agrees with the card, not the weights
+    (root / "model" / "release-manifest.json").write_text(json.dumps(signed_before))
+    with pytest.raises(CheckFailedError, match=r"embedded license is 'apache-2\.0'"):
+        sign_folder(root / "model", private_key=priv)
+
+
+def test_gguf_embedded_license_is_read_from_the_header(tmp_path, tiny, smollm2):
+    from release.formats.gguf import write_gguf
+    from release.manifest import check_embedded_licenses, gguf_license
+
+    src, _, _ = tiny("st-single", vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(smollm2.hf / name, src / name)
+    meta = ReleaseMetadata(name="m", license="apache-2.0")
+    write_gguf(src, tmp_path / "g", ["Q8_0"], metadata=meta)
+    path = tmp_path / "g" / "m-Q8_0.gguf"
+    import gguf
+
+    assert gguf_license(path) == gguf.GGUFReader(path).get_field("general.license").contents() == "apache-2.0"
+    check_embedded_licenses(tmp_path / "g", "apache-2.0")
+    with pytest.raises(CheckFailedError, match=r"m-Q8_0\.gguf: its embedded license is 'apache-2.0'.*'llama3\.1'"):
+        check_embedded_licenses(tmp_path / "g", "llama3.1")

@@ -26,14 +26,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
 
 # name -> (transformers model class, config class, config overrides)
+GEMMA = {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 64}  # < the tests' 256 tokens
 ARCHS: dict[str, tuple[str, str, dict]] = {
     "llama3": ("LlamaForCausalLM", "LlamaConfig", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
     "mistral": ("MistralForCausalLM", "MistralConfig", {"head_dim": 32, "sliding_window": 4096}),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {"tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 1024,
-                                                     "hidden_activation": "gelu_pytorch_tanh", "num_hidden_layers": 4}),
-    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 1024,
-                                                         "num_hidden_layers": 6, "final_logit_softcapping": 30.0}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config",
+              {"tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
+               {**GEMMA, "hidden_activation": "gelu_pytorch_tanh", "num_hidden_layers": 4}),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               {**GEMMA, "num_hidden_layers": 6, "final_logit_softcapping": 30.0}),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"original_max_position_embeddings": 2048, "pad_token_id": 0}),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {"pad_token_id": 0}),
     "apertus": ("ApertusForCausalLM", "ApertusConfig", {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 12000000.0}}),

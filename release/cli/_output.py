@@ -128,6 +128,9 @@ def run_or_json(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool =
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    # Flushed now: a library's exit handler may end the process with os._exit (GPTQModel's
+    # kernels on some models do), which would drop a piped, block-buffered summary.
+    sys.stdout.flush()
 
 
 def human_bytes(n: float) -> str:

@@ -35,7 +35,8 @@ from release.atomic import fsync_path
 from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
-from release.formats import gguf_quants, gguf_rope as rope
+from release.formats import gguf_quants
+from release.formats import gguf_rope as rope
 from release.formats import imatrix as imatrix_fmt
 from release.formats.gguf_names import tensor_name_map, variant_files
 from release.formats.gguf_vocab import GGUFVocab, load_vocab

@@ -24,7 +24,16 @@ from typing import Any
 from release.cards import folder_kind, release_folders
 from release.errors import BadInputError, CheckFailedError, MissingExtraError, ReleaseError, missing_extra
 from release.hashing import sha256_file
-from release.manifest import MANIFEST, NOT_LISTED, SIGNATURE, check_files, listed_files, load_manifest
+from release.licensing import decide
+from release.manifest import (
+    MANIFEST,
+    NOT_LISTED,
+    SIGNATURE,
+    check_embedded_licenses,
+    check_files,
+    listed_files,
+    load_manifest,
+)
 from release.progress import NULL, Reporter
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -200,6 +209,7 @@ def publish(
             raise BadInputError(f"{folder}: no {MANIFEST}; run `model-release manifest` (and `sign`) first")
         manifest = load_manifest(folder / MANIFEST)
         check_files(folder, manifest)  # never publish a folder that no longer matches its manifest
+        check_embedded_licenses(folder, decide(meta).weights_license)  # nor one whose files disagree
         for needed in ("README.md", "LICENSE"):
             if not (folder / needed).is_file():
                 raise BadInputError(f"{folder}: no {needed}; run `model-release card` first")

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from release.architectures import eval_number
 from release.errors import BadInputError
 from release.progress import NULL, Reporter
 from release.resources import (
@@ -85,6 +86,20 @@ def choose(src: Path, device: str, mode: str, tokens: int, shape: ModelShape | N
     return ForwardChoice(mode, device, reason)
 
 
+def attention_implementation(src: Path) -> str:
+    """transformers' attention kernel for a model: sdpa, unless its architecture description says
+    otherwise (Gemma 2's attention soft-capping runs only in the eager implementation)."""
+    import json
+
+    from release.architectures import resolve
+
+    try:
+        config = json.loads((Path(src) / "config.json").read_text(encoding="utf-8"))
+        return str(resolve(config).spec.get("attention", "sdpa"))
+    except (OSError, ValueError, BadInputError):
+        return "sdpa"  # not ours to refuse here: loading the model reports a bad config
+
+
 class ForwardModel:
     """Next-token logits for many prompts: ``logits(prompts)`` yields one [len, vocab] float32 CPU
     tensor per prompt, in order."""
@@ -110,7 +125,8 @@ class ResidentModel(ForwardModel):
         dtype: Any = "auto" if quantized else torch.float32
         # On a GPU, straight there (device_map): never the whole float32 model in host memory.
         placement: dict[str, Any] = {} if device == "cpu" else {"device_map": device}
-        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa", **placement)
+        attn = attention_implementation(src)
+        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn, **placement)
         self.model = self.model.to(device).eval()
         self.device = device
         self.vocab_size = int(self.model.config.vocab_size)
@@ -142,7 +158,7 @@ class StreamedModel(ForwardModel):
         self.config = AutoConfig.from_pretrained(self.src)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(
-                self.config, dtype=torch.float32, attn_implementation="sdpa"
+                self.config, dtype=torch.float32, attn_implementation=plan.architecture.spec.get("attention", "sdpa")
             ).eval()
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
@@ -185,6 +201,17 @@ class StreamedModel(ForwardModel):
                     "(use --forward resident)"
                 )
 
+    def _embed_scale(self) -> float | None:
+        """``embed_scale`` of the description: a config expression the embeddings are multiplied by."""
+        expr = self.paths.get("embed_scale")
+        return None if expr is None else float(eval_number(expr, self.config.to_dict()))
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """``final_logit_softcapping`` (Gemma): cap * tanh(logits / cap), as the model's head does."""
+        key = self.paths.get("final_softcap")
+        cap = getattr(self.config, key, None) if key else None
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
     @staticmethod
     def _unload(module: torch.nn.Module) -> None:
         module.to_empty(device="meta")
@@ -199,8 +226,6 @@ class StreamedModel(ForwardModel):
 
     def _layers(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Every prompt's hidden states after the last decoder layer (before the final norm)."""
-        from transformers.masking_utils import create_causal_mask
-
         p = self.paths
         embed = self.model.get_submodule(p["embed"])
         layers = self.model.get_submodule(p["layers"])
@@ -210,42 +235,40 @@ class StreamedModel(ForwardModel):
         self.reporter.start(f"streamed forward, {n_layers} layers on {self.device}", n_layers + 2, unit="layers")
         with torch.no_grad():
             hidden = []
+            scale = self._embed_scale()
             for ids in prompts:
                 # Only the rows these tokens use; the embedding module itself does the lookup.
                 uniq, inverse = torch.unique(torch.tensor(ids), return_inverse=True)
-                self._load(embed, p["embed"] + ".", weight=self._tensor(p["embed"] + ".weight", uniq))
-                hidden.append(embed(inverse.to(self.device)).unsqueeze(0))
+                rows = self._tensor(p["embed"] + ".weight", uniq)
+                if scale is None:
+                    self._load(embed, p["embed"] + ".", weight=rows)
+                    hidden.append(embed(inverse.to(self.device)).unsqueeze(0))
+                else:  # Gemma: the model (2) or a scaled embedding with a computed buffer (3) multiplies
+                    hidden.append((torch.nn.functional.embedding(inverse.to(self.device), rows) * scale).unsqueeze(0))
             self._unload(embed)
             self.reporter.advance(1)
+            layer_types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * n_layers)
+            per_type_rope = "layer_type" in inspect.signature(rotary.forward).parameters
             extras = []
             for h in hidden:
                 positions = torch.arange(h.shape[1], device=self.device)
-                # transformers renamed these arguments across 5.x (past_key_values -> cache, ...): pass
-                # each name the installed version takes.
-                mask = _call(
-                    create_causal_mask,
-                    config=self.config,
-                    inputs_embeds=h,
-                    input_embeds=h,
-                    attention_mask=None,
-                    cache=None,
-                    past_key_values=None,
-                    cache_position=positions,
-                    position_ids=positions.unsqueeze(0),
-                )
-                extras.append(
-                    {
-                        "attention_mask": mask,
+                by_type = {}
+                for kind in sorted(set(layer_types)):
+                    by_type[kind] = {
+                        "attention_mask": _mask(kind, self.config, h, positions),
                         "position_ids": positions.unsqueeze(0),
                         "cache_position": positions,
-                        "position_embeddings": rotary(h, positions.unsqueeze(0)),
+                        "position_embeddings": _call(rotary.forward, h, positions.unsqueeze(0), layer_type=kind)
+                        if per_type_rope
+                        else rotary(h, positions.unsqueeze(0)),
                     }
-                )
+                extras.append(by_type)
             for i in range(n_layers):
                 layer = layers[i]
                 self._load(layer, f"{p['layers']}.{i}.")
                 for k, h in enumerate(hidden):
-                    out = _call(layer.forward, h, cache=None, past_key_values=None, use_cache=False, **extras[k])
+                    kw = extras[k][layer_types[i]]
+                    out = _call(layer.forward, h, cache=None, past_key_values=None, use_cache=False, **kw)
                     hidden[k] = out[0] if isinstance(out, tuple) else out
                 self._unload(layer)
                 self.reporter.advance(1)
@@ -271,7 +294,7 @@ class StreamedModel(ForwardModel):
                 self._load(head, p["head"] + ".", weight=self._tensor(head_name))
                 try:
                     for h in hidden:
-                        yield head(h).float().cpu()
+                        yield self._softcap(head(h).float()).cpu()
                 finally:
                     self._unload(head)
                 return
@@ -279,9 +302,22 @@ class StreamedModel(ForwardModel):
                 parts = []
                 for rows in chunks:
                     self._load(head, p["head"] + ".", weight=self._tensor(head_name, rows))
-                    parts.append(head(h).float().cpu())
+                    parts.append(self._softcap(head(h).float()).cpu())
                     self._unload(head)
                 yield torch.cat(parts, dim=-1)
+
+
+def _mask(kind: str, config: Any, h: torch.Tensor, positions: torch.Tensor) -> Any:
+    """The attention mask transformers' model builds for one layer type (full or sliding window).
+    transformers renamed these arguments across 5.x (past_key_values -> cache, ...): pass each name
+    the installed version takes."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    if kind not in ("full_attention", "sliding_attention"):
+        raise BadInputError(f"layer type {kind!r} has no streamed forward yet (use --forward resident)")
+    build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+    return _call(build, config=config, inputs_embeds=h, input_embeds=h, attention_mask=None, cache=None,
+                 past_key_values=None, cache_position=positions, position_ids=positions.unsqueeze(0))  # fmt: skip
 
 
 def trim_heap() -> None:

@@ -110,9 +110,15 @@ class TransformersRuntime(Runtime):
         return list(self.tok.encode(text))
 
     def logits_many(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
-        quiet = self._quiet(1) if self._quiet else contextlib.nullcontext()
-        with quiet:
-            yield from self.fwd.logits(prompts)
+        # stdout is captured while each prompt runs, never across a yield: a consumer that stops
+        # early would otherwise leave fd 1 in the capture file, --json summary included.
+        it = iter(self.fwd.logits(prompts))
+        while True:
+            with self._quiet(1) if self._quiet else contextlib.nullcontext():
+                item = next(it, None)
+            if item is None:
+                return
+            yield item
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         return next(iter(self.logits_many([ids])))
