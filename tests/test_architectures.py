@@ -132,13 +132,14 @@ def _unpermute(heads: int):
     return undo
 
 
+SWA_PATTERN = "gemma3.attention.sliding_window_pattern"
 DAMAGE = {
     "wrong q/k permutation": ("llama3", "blk.0.attn_q.weight", _unpermute(4)),
     "missing bias": ("qwen2", "blk.0.attn_q.bias", lambda d: d.__setitem__(..., 0)),
     "norm not shifted by 1": ("gemma2", "blk.1.attn_norm.weight", lambda d: d.__isub__(1.0)),
     "q/k norm lost": ("olmo2", "blk.0.attn_k_norm.weight", lambda d: d.__setitem__(..., 1.0)),
     "llama3 rope scaling lost": ("llama3", "rope_freqs.weight", lambda d: d.__setitem__(..., 1.0)),
-    "a local layer made global": ("gemma3", "key:gemma3.attention.sliding_window_pattern", lambda d: d.__setitem__(..., 0)),
+    "a local layer made global": ("gemma3", f"key:{SWA_PATTERN}", lambda d: d.__setitem__(..., 0)),
 }
 
 
@@ -224,3 +225,101 @@ def test_olmo2_release_builds_end_to_end(built, cli, tmp_path):
     r = gguf.GGUFReader(dist / "Tiny-OLMo2-demo-GGUF" / "Tiny-OLMo2-demo-Q4_K_M.gguf")
     assert r.get_field("general.architecture").contents() == "olmo2"
     assert "olmo2" in (dist / "Tiny-OLMo2-demo" / "README.md").read_text().lower()
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gemma3", "apertus"])
+def test_gptq_4bit_loads_in_transformers(built, arch, tmp_path):
+    """GPTQModel's own definition of each family (Llama and OLMo 2 go through its Llama one, tested
+    on SmolLM2 and in the OLMo 2 build): 4-bit quantizes, loads in transformers and computes the model."""
+    from release.formats.gptq import GPTQSettings, quantize
+    from release.validation.forward import ResidentModel
+
+    src, model, _ = built[arch]
+    quantize(src, tmp_path / "gptq", GPTQSettings(bits=4, samples=4, seq_len=64))
+    ids = _ids(4)[:64]
+    got = next(iter(ResidentModel(tmp_path / "gptq", "cpu", quantized=True).logits([ids])))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    kl, _ = _kl(ref, got)
+    print(f"{arch}: GPTQ 4-bit KL {kl:.2e}")
+    assert torch.isfinite(got).all() and kl < 0.1, kl
+
+
+def test_gptq_refused_for_phi3_with_the_reason(built, cli, tmp_path):
+    r = cli("gptq", built["phi3"][0], "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "GPTQ is not available for phi3" in r.error_lines[0], r.stderr
+    assert len(r.error_lines) <= 2 and not (tmp_path / "out").exists()
+
+
+# ---- tokenizers of the SentencePiece families, and an unknown BPE pre-tokenizer --------------
+
+SPM_TEXTS = [
+    "The patient was admitted with acute myocardial infarction.",
+    "Dose: 75 mg daily, 1234 units; café naïve 東京 🦙",
+    "  two leading spaces and\ttabs\nnewline",
+    "aspirin",
+]
+
+
+def _train_spm(folder: Path, *, dummy_prefix: bool) -> Path:
+    """A SentencePiece BPE model with byte fallback, as Gemma (no dummy prefix) and Phi-3 / Llama 2
+    (dummy prefix) train theirs."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ["the", "patient", "was", "admitted", "with", "acute", "myocardial", "infarction", "aspirin", "dose"]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 9999)}." for _ in range(2000)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=2, eos_id=1, pad_id=-1,
+        add_dummy_prefix=dummy_prefix, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, minloglevel=2,
+    )  # fmt: skip
+    return folder / "tokenizer.model"
+
+
+@pytest.mark.parametrize(("arch", "dummy_prefix"), [("gemma2", False), ("phi3", True)])
+def test_sentencepiece_families_tokenize_like_sentencepiece(tmp_path, arch, dummy_prefix):
+    """Gemma's tokenizer.model has no dummy prefix, and its GGUF says so (add_space_prefix false, as
+    llama.cpp's converter writes for Gemma); Phi-3's is Llama 2's kind. llama.cpp must give
+    SentencePiece's own ids for both."""
+    import sentencepiece
+    from llama_cpp import Llama
+
+    model = _train_spm(tmp_path / "spm", dummy_prefix=dummy_prefix)
+    src = tmp_path / "src"
+    make_model(arch, 400).to(torch.bfloat16).save_pretrained(src)
+    shutil.copyfile(model, src / "tokenizer.model")
+    write_gguf(src, tmp_path / "out", ["F16"], name="spm")
+    r = gguf.GGUFReader(tmp_path / "out" / "spm-F16.gguf")
+    assert r.get_field("tokenizer.ggml.model").contents() == "llama"
+    if not dummy_prefix:
+        assert r.get_field("tokenizer.ggml.add_space_prefix").contents() is False
+    m = Llama(model_path=str(tmp_path / "out" / "spm-F16.gguf"), vocab_only=True, verbose=False)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    for text in SPM_TEXTS:
+        assert m.tokenize(text.encode(), add_bos=False, special=True) == sp.encode(text), text
+
+
+def test_unknown_bpe_pre_tokenizer_is_refused_with_its_hash(tmp_path, cli):
+    """A byte-level BPE tokenizer llama.cpp has no pre-tokenizer for (trained here) would tokenize
+    differently in the GGUF: refused, naming the check hash and where to add it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the patient was admitted with acute myocardial infarction"] * 50, trainer)
+    src = tmp_path / "src"
+    make_model("qwen2", 300).to(torch.bfloat16).save_pretrained(src)
+    tok.save(str(src / "tokenizer.json"))
+    r = cli("gguf", src, "-o", tmp_path / "out", "--type", "F16")
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert "llama.cpp has no pre-tokenizer for this BPE tokenizer (check hash" in r.error_lines[0]
+    assert "bpe_pre_tokenizers.json" in r.stderr and not (tmp_path / "out").exists()

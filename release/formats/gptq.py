@@ -233,6 +233,8 @@ def quantize(
     warnings: list[str] = []
     with open_checkpoint(src) as ckpt:
         plan = plan_tensors(ckpt)  # unknown architecture, truncated or missing weights: refused here
+        if why := plan.architecture.spec.get("gptq_refused"):
+            raise BadInputError(f"GPTQ is not available for {plan.architecture.name}: {why}")
         if not ckpt.has_tokenizer():
             raise BadInputError(f"{src}: no tokenizer files; GPTQ calibration and the released variant need one")
         group_size = choose_group_size(ckpt.config, settings.group_size)
