@@ -120,7 +120,8 @@ def eval_number(expr: str, values: dict[str, Any]) -> float:
 
 
 _ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.Compare, ast.Eq, ast.NotEq, ast.Name, ast.Load,
-            ast.Constant, ast.BinOp, ast.Mult, ast.Div, ast.Add, ast.Sub, ast.UnaryOp, ast.Not)  # fmt: skip
+            ast.Constant, ast.BinOp, ast.Mult, ast.Div, ast.Add, ast.Sub, ast.UnaryOp, ast.Not, ast.Lt, ast.LtE,
+            ast.Gt, ast.GtE)  # fmt: skip
 
 
 def check(expr: str, values: dict[str, Any]) -> bool:

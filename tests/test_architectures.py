@@ -18,7 +18,7 @@ import torch
 
 from release.architectures import registry
 from release.formats.gguf import write_gguf
-from tests.tiny_archs import ARCHS, make_model, save
+from tests.tiny_archs import ARCHS, REGISTRY_NAME, make_model, save
 
 VOCAB = 49152  # the fixture's tokenizer
 N_TOKENS = 256
@@ -76,11 +76,11 @@ def built(smollm2, tmp_path_factory):
 
 
 def _spec(arch: str) -> dict:
-    return registry()["llama" if arch == "llama3" else arch]  # Llama 3 is llama.json with rope scaling
+    return registry()[REGISTRY_NAME.get(arch, arch)]
 
 
 def test_every_architecture_file_is_proven_here():
-    assert {"llama" if a == "llama3" else a for a in ARCHS} == set(registry())
+    assert {REGISTRY_NAME.get(a, a) for a in ARCHS} == set(registry())
 
 
 @pytest.mark.real_model
@@ -95,7 +95,9 @@ def test_f16_matches_transformers_and_quants_run(built, arch):
     assert kl < F16_KL and top1 > 0.95, (kl, top1)
     # Greedy continuation: every token llama.cpp picks is transformers' argmax on the same path
     # (or within 0.02 logits of it: random models have near-ties that float rounding may flip).
-    prompt = ids[:32]
+    # (80 tokens: past the longrope model's 64-token original context, where transformers switches to
+    # the long factors; llama.cpp chooses them by its context window, not by the sequence.)
+    prompt = ids[:80]
     path = _greedy_llama(folder / "m-F16.gguf", prompt, 16)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + path])).logits[0, len(prompt) - 1 : -1]
@@ -139,6 +141,7 @@ DAMAGE = {
     "norm not shifted by 1": ("gemma2", "blk.1.attn_norm.weight", lambda d: d.__isub__(1.0)),
     "q/k norm lost": ("olmo2", "blk.0.attn_k_norm.weight", lambda d: d.__setitem__(..., 1.0)),
     "llama3 rope scaling lost": ("llama3", "rope_freqs.weight", lambda d: d.__setitem__(..., 1.0)),
+    "longrope factors lost": ("phi3_longrope", "rope_factors_long.weight", lambda d: d.__setitem__(..., 1.0)),
     "a local layer made global": ("gemma3", f"key:{SWA_PATTERN}", lambda d: d.__setitem__(..., 0)),
 }
 
@@ -323,3 +326,10 @@ def test_unknown_bpe_pre_tokenizer_is_refused_with_its_hash(tmp_path, cli):
     assert r.exit_code == 2, r.stdout + r.stderr
     assert "llama.cpp has no pre-tokenizer for this BPE tokenizer (check hash" in r.error_lines[0]
     assert "bpe_pre_tokenizers.json" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_mistral_sliding_window_is_warned_about(tmp_path, smollm2):
+    """llama.cpp runs Mistral as llama, without its sliding window: said in the result, not hidden."""
+    src = save(make_model("mistral", VOCAB, sliding_window=64), tmp_path / "src", smollm2.hf)
+    result = write_gguf(src, tmp_path / "out", ["F16"], name="m")
+    assert any("sliding_window is 64 tokens" in w for w in result.warnings), result.warnings

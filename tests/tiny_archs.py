@@ -26,6 +26,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
 
 # name -> (transformers model class, config class, config overrides)
+# Phi-3's 128k scaling: per-frequency factors, long ones past the original 64-token context.
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "original_max_position_embeddings": 64,
+    "short_factor": [1.0 + 0.05 * i for i in range(16)],
+    "long_factor": [1.0 + 0.4 * i for i in range(16)],
+}
 GEMMA = {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 64}  # < the tests' 256 tokens
 ARCHS: dict[str, tuple[str, str, dict]] = {
     "llama3": ("LlamaForCausalLM", "LlamaConfig", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
@@ -37,9 +45,15 @@ ARCHS: dict[str, tuple[str, str, dict]] = {
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
                {**GEMMA, "num_hidden_layers": 6, "final_logit_softcapping": 30.0}),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"original_max_position_embeddings": 2048, "pad_token_id": 0}),
+    "phi3_longrope": ("Phi3ForCausalLM", "Phi3Config", {"original_max_position_embeddings": 64, "pad_token_id": 0,
+                      "rope_parameters": LONGROPE}),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {"pad_token_id": 0}),
     "apertus": ("ApertusForCausalLM", "ApertusConfig", {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 12000000.0}}),
 }  # fmt: skip
+
+
+# Which file of release/data/architectures each tiny model proves (the others: its own name).
+REGISTRY_NAME = {"llama3": "llama", "phi3_longrope": "phi3"}
 
 
 def make_model(arch: str, vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from release import hashing
-from release.architectures import Architecture, data_file, evaluate
+from release.architectures import Architecture, check, data_file, evaluate
 from release.atomic import fsync_path
 from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
@@ -438,6 +438,9 @@ def write_gguf(
     with open_checkpoint(src) as ckpt:
         plan = plan_gguf(ckpt)
         arch, tensors = plan.arch, plan.tensors
+        for w in arch.spec["gguf"].get("warn", []):  # what the runtime computes differently, said once
+            if check(w["check"], arch.values):
+                warnings.append(w["message"].format(**arch.values))
         vocab = load_vocab(ckpt.root, int(arch.values["vocab_size"]))
         meta = meta.with_(source_format=ckpt.format, origin_checkpoint_hash=ckpt.recorded_origin())
         direct = [t for t in wanted if t.via == "gguf"]
