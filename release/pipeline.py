@@ -33,7 +33,7 @@ from typing import Any
 
 import jsonschema
 
-from release.architectures import data_file
+from release.architectures import data_file, resolve
 from release.atomic import atomic_file
 from release.errors import BadInputError, CheckFailedError
 from release.formats.gguf_names import set_name, variant_files
@@ -374,6 +374,10 @@ def plan_build(
 
     gq = cfg.get("gptq")
     if gq is not None and "gptq" in wanted:
+        arch = resolve(json.loads((src / "config.json").read_text(encoding="utf-8")))
+        if why := arch.spec.get("gptq_refused"):  # refused before any step runs, not after the others
+            where = rf.line(["variants", "gptq"])
+            raise BadInputError(f"{rf.path}:{where}: GPTQ is not available for {arch.name}: {why}")
         args = [*cli, "gptq", str(src), "-o", str(gptq_dir), "--force", "--device", device, *meta_args]
         flags = {"bits": "--bits", "group_size": "--group-size", "samples": "--samples", "seq_len": "--seq-len",
                  "seed": "--seed"}  # fmt: skip

@@ -225,8 +225,11 @@ def test_olmo2_release_builds_end_to_end(built, cli, tmp_path):
     dist = Path(out["release_dir"])
     manifest = json.loads((dist / "Tiny-OLMo2-demo-GGUF" / "release-manifest.json").read_text())
     assert {f["path"] for f in manifest["files"]} >= {"Tiny-OLMo2-demo-Q8_0.gguf", "Tiny-OLMo2-demo.imatrix"}
-    r = gguf.GGUFReader(dist / "Tiny-OLMo2-demo-GGUF" / "Tiny-OLMo2-demo-Q4_K_M.gguf")
-    assert r.get_field("general.architecture").contents() == "olmo2"
+    q4 = dist / "Tiny-OLMo2-demo-GGUF" / "Tiny-OLMo2-demo-Q4_K_M.gguf"
+    assert gguf.GGUFReader(q4).get_field("general.architecture").contents() == "olmo2"
+    from release.manifest import gguf_license
+
+    assert gguf_license(q4) == "apache-2.0"  # what manifest checked: llama.cpp's file keeps the key up front
     assert "olmo2" in (dist / "Tiny-OLMo2-demo" / "README.md").read_text().lower()
 
 
@@ -333,3 +336,41 @@ def test_mistral_sliding_window_is_warned_about(tmp_path, smollm2):
     src = save(make_model("mistral", VOCAB, sliding_window=64), tmp_path / "src", smollm2.hf)
     result = write_gguf(src, tmp_path / "out", ["F16"], name="m")
     assert any("sliding_window is 64 tokens" in w for w in result.warnings), result.warnings
+
+
+def test_build_refuses_gptq_for_phi3_before_any_step(built, cli, tmp_path):
+    import yaml
+
+    release = {
+        "release": {"name": "Tiny-Phi3", "version": "1.0", "license": "mit",
+                    "repo_url": "https://huggingface.co/example/Tiny-Phi3",
+                    "base_models": [{"name": "Phi-3-mini-4k-instruct", "organization": "microsoft", "license": "mit",
+                                     "copyright": "Copyright (c) Microsoft Corporation."}]},
+        "source": {"path": str(built["phi3"][0])},
+        "variants": {"safetensors": {"dtype": "keep"}, "gguf": {"types": ["Q8_0"]}, "gptq": {"bits": 4}},
+    }  # fmt: skip
+    (tmp_path / "release.yaml").write_text(yaml.safe_dump(release, sort_keys=False))
+    r = cli("build", tmp_path / "release.yaml", "-o", tmp_path / "dist")
+    assert r.exit_code == 2 and "GPTQ is not available for phi3" in r.error_lines[0], r.stderr
+    assert "release.yaml:" in r.error_lines[0] and not (tmp_path / "dist").exists()
+
+
+@pytest.mark.real_model
+def test_every_gguf_type_for_gemma3(built, tmp_path):
+    """Every type the project writes, on the family with the most particulars (shifted norms,
+    q/k norms, local and global layers, tied head): each loads in llama.cpp and computes the model
+    (mean KL over 64 tokens, loose limits: a random model is not a trained one), the IQ types with
+    the importance matrix collected from the source. (Llama: every type on SmolLM2, test_gguf.py.)"""
+    from release.formats.gguf import gguf_types
+
+    src, model, _ = built["gemma3"]
+    types = list(gguf_types())
+    result = write_gguf(src, tmp_path / "out", types, name="m")
+    assert [o.type for o in result.outputs] == types and result.imatrix is not None
+    ids = _ids(5)[:64]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    kls = {o.type: _kl(ref, _llama_logits(tmp_path / "out" / o.file, ids))[0] for o in result.outputs}
+    print({t: f"{kl:.1e}" for t, kl in kls.items()})
+    assert kls["F32"] < 1e-5 and kls["F16"] < F16_KL and kls["Q8_0"] < 1e-3, kls
+    assert all(kl < 0.5 for kl in kls.values()), kls

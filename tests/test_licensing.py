@@ -348,3 +348,18 @@ def test_gguf_embedded_license_is_read_from_the_header(tmp_path, tiny, smollm2):
     check_embedded_licenses(tmp_path / "g", "apache-2.0")
     with pytest.raises(CheckFailedError, match=r"m-Q8_0\.gguf: its embedded license is 'apache-2.0'.*'llama3\.1'"):
         check_embedded_licenses(tmp_path / "g", "llama3.1")
+
+
+def test_meditron3_example_is_a_valid_llama31_release(cli, tmp_path):
+    from release.pipeline import load_release_file
+
+    example = LICENSES.parent / "examples" / "meditron3-llama3.1-release.yaml"
+    rf = load_release_file(example)
+    assert rf.meta.license == "llama3.1" and rf.meta.name.startswith("Llama")
+    r = cli("license", "check", example, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["display"] == "Built with Llama"
+    renamed = tmp_path / "release.yaml"
+    renamed.write_text(example.read_text().replace("name: Llama-3.1-Meditron3-8B", "name: Meditron3-8B"))
+    r = cli("build", renamed, "-o", tmp_path / "dist")
+    assert r.exit_code == 1 and '"Llama" at the beginning of its name' in r.error_lines[-1]
+    assert not (tmp_path / "dist").exists()
