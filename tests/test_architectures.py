@@ -355,22 +355,40 @@ def test_build_refuses_gptq_for_phi3_before_any_step(built, cli, tmp_path):
     assert "release.yaml:" in r.error_lines[0] and not (tmp_path / "dist").exists()
 
 
-@pytest.mark.real_model
-def test_every_gguf_type_for_gemma3(built, tmp_path):
+def test_every_gguf_type_for_gemma3(tmp_path):
     """Every type the project writes, on the family with the most particulars (shifted norms,
-    q/k norms, local and global layers, tied head): each loads in llama.cpp and computes the model
-    (mean KL over 64 tokens, loose limits: a random model is not a trained one), the IQ types with
-    the importance matrix collected from the source. (Llama: every type on SmolLM2, test_gguf.py.)"""
+    q/k norms, local and global layers, tied head), with a 400-token SentencePiece vocabulary so
+    that llama.cpp's quantizers spend their time on the layers: each file loads in llama.cpp and
+    computes the model (mean KL over 64 tokens, loose limits: a random model is not a trained
+    one), the IQ types with the importance matrix collected from the source. (Llama: every type
+    on SmolLM2, test_gguf.py.)"""
     from release.formats.gguf import gguf_types
 
-    src, model, _ = built["gemma3"]
+    model = make_model("gemma3", 404)  # transformers' GemmaTokenizer adds 4 special tokens to the 400
+    src = tmp_path / "src"
+    model.to(torch.bfloat16).save_pretrained(src)
+    model.float()
+    shutil.copyfile(_train_spm(tmp_path / "spm", dummy_prefix=False), src / "tokenizer.model")
     types = list(gguf_types())
     result = write_gguf(src, tmp_path / "out", types, name="m")
     assert [o.type for o in result.outputs] == types and result.imatrix is not None
-    ids = _ids(5)[:64]
+    ids = [int(i) % 390 + 5 for i in _ids(5)[:64]]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     kls = {o.type: _kl(ref, _llama_logits(tmp_path / "out" / o.file, ids))[0] for o in result.outputs}
     print({t: f"{kl:.1e}" for t, kl in kls.items()})
     assert kls["F32"] < 1e-5 and kls["F16"] < F16_KL and kls["Q8_0"] < 1e-3, kls
     assert all(kl < 0.5 for kl in kls.values()), kls
+
+
+def test_tokenizer_ids_past_the_embeddings_are_refused(tmp_path, cli):
+    """transformers' GemmaTokenizer adds 4 special tokens after a 400-piece SentencePiece model; a
+    400-row model cannot embed them. The forward pass (here the importance matrix's) says so in
+    one line instead of failing inside torch."""
+    src = tmp_path / "src"
+    make_model("gemma3", 400).to(torch.bfloat16).save_pretrained(src)
+    shutil.copyfile(_train_spm(tmp_path / "spm", dummy_prefix=False), src / "tokenizer.model")
+    r = cli("imatrix", src, "-o", tmp_path / "m.imatrix")
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert len(r.error_lines) == 1, r.error_lines
+    assert "tokenizer gives token id 40" in r.error_lines[0] and "vocab_size is 400" in r.error_lines[0]

@@ -111,6 +111,16 @@ class ForwardModel:
     def logits(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
         raise NotImplementedError
 
+    def check_ids(self, prompts: list[list[int]]) -> None:
+        """A token id past the embedding matrix would fail deep in torch with an IndexError: say
+        what it means instead (a tokenizer that does not belong to this model)."""
+        top = max((max(ids) for ids in prompts if ids), default=-1)
+        if top >= self.vocab_size:
+            raise BadInputError(
+                f"the tokenizer gives token id {top}, but the model's vocab_size is {self.vocab_size}: "
+                "tokenizer and model do not belong together (special tokens added by the tokenizer class?)"
+            )
+
     def observe(self, prompts: list[list[int]]) -> None:
         """Run every decoder layer on every prompt, for forward hooks (the importance matrix);
         the logits are not needed."""
@@ -121,6 +131,9 @@ class ForwardModel:
 class ResidentModel(ForwardModel):
     def __init__(self, src: Path, device: str, *, quantized: bool = False) -> None:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our reporter shows progress; its bar would clutter errors
 
         dtype: Any = "auto" if quantized else torch.float32
         # On a GPU, straight there (device_map): never the whole float32 model in host memory.
@@ -132,6 +145,7 @@ class ResidentModel(ForwardModel):
         self.vocab_size = int(self.model.config.vocab_size)
 
     def logits(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
+        self.check_ids(prompts)
         for ids in prompts:
             with torch.no_grad():
                 yield self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
@@ -226,6 +240,7 @@ class StreamedModel(ForwardModel):
 
     def _layers(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Every prompt's hidden states after the last decoder layer (before the final norm)."""
+        self.check_ids(prompts)
         p = self.paths
         embed = self.model.get_submodule(p["embed"])
         layers = self.model.get_submodule(p["layers"])
