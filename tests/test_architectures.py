@@ -299,8 +299,14 @@ def test_sentencepiece_families_tokenize_like_sentencepiece(tmp_path, arch, dumm
 
     model = _train_spm(tmp_path / "spm", dummy_prefix=dummy_prefix)
     src = tmp_path / "src"
-    make_model(arch, 400).to(torch.bfloat16).save_pretrained(src)
+    # Phi-3 adds its chat tokens after the pieces (<|assistant|> ... at 32000+ of 32064 rows): here
+    # two, past the 400 pieces, in added_tokens.json and tokenizer_config.json as Phi-3 ships them.
+    make_model(arch, 404).to(torch.bfloat16).save_pretrained(src)
     shutil.copyfile(model, src / "tokenizer.model")
+    added = {"<|assistant|>": 400, "<|end|>": 401}
+    (src / "added_tokens.json").write_text(json.dumps(added))
+    decoder = {str(i): {"content": t, "special": True} for t, i in added.items()}
+    (src / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
     write_gguf(src, tmp_path / "out", ["F16"], name="spm")
     r = gguf.GGUFReader(tmp_path / "out" / "spm-F16.gguf")
     assert r.get_field("tokenizer.ggml.model").contents() == "llama"
@@ -310,6 +316,8 @@ def test_sentencepiece_families_tokenize_like_sentencepiece(tmp_path, arch, dumm
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
     for text in SPM_TEXTS:
         assert m.tokenize(text.encode(), add_bos=False, special=True) == sp.encode(text), text
+        tagged = f"<|assistant|>{text}<|end|>"
+        assert m.tokenize(tagged.encode(), add_bos=False, special=True) == [400, *sp.encode(text), 401], text
 
 
 def test_unknown_bpe_pre_tokenizer_is_refused_with_its_hash(tmp_path, cli):

@@ -147,20 +147,29 @@ def _sentencepiece(root: Path, vocab_size: int) -> GGUFVocab:
         raise BadInputError(f"{root / 'tokenizer.model'}: unreadable SentencePiece model ({exc})") from None
     tokens, scores, types = _unpack(spm)
     _check_size(root / "tokenizer.model", len(tokens), vocab_size)
-    _mark_added_from_config(root, tokens, scores, types)
+    # Padded to the embedding rows first: added tokens may lie past the SentencePiece pieces
+    # (Phi-3's <|assistant|>, <|end|> ... at 32000+ of 32064 rows), as the converter fills them.
     _pad(tokens, types, scores, vocab_size)
+    _mark_added_from_config(root, tokens, scores, types)
     return GGUFVocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(root, n_vocab=len(tokens)))
 
 
 def _mark_added_from_config(root: Path, tokens: list[bytes], scores: list[float], types: list[int]) -> None:
-    """tokenizer_config.json's added_tokens_decoder overrides piece types (special -> CONTROL)."""
-    path = root / "tokenizer_config.json"
-    if not path.is_file():
-        return
-    try:
-        decoder = json.loads(path.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{path}: invalid JSON ({exc})") from None
+    """Added tokens override pieces: added_tokens.json (USER_DEFINED), then tokenizer_config.json's
+    added_tokens_decoder (special -> CONTROL), as llama.cpp's converter reads them."""
+    decoder: dict[str, Any] = {}
+    for name in ("added_tokens.json", "tokenizer_config.json"):
+        path = root / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{path}: invalid JSON ({exc})") from None
+        if name == "added_tokens.json":
+            decoder.update({str(i): {"content": text, "special": False} for text, i in data.items()})
+        else:
+            decoder.update(data.get("added_tokens_decoder") or {})
     for key, entry in decoder.items():
         i = int(key)
         if i >= len(tokens):
