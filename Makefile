@@ -45,6 +45,7 @@ fixture: install
 # (safetensors fp16, GGUF Q8_0 + Q4_K_M, GPTQ 4-bit; validated, carded, manifested, signed), publishes
 # it to the embedded local Hub under $(DEMO)/hub, fetches the Q4_K_M variant back and verifies it.
 demo: install
+	rm -rf $(DEMO)/hub $(DEMO)/fetched  # a rerun signs with a new key: publish it to a fresh local Hub, not over v1.0
 	$(BIN)/model-release keygen -o $(DEMO)/keys --force
 	MODEL_RELEASE_SIGNING_KEY=$(DEMO)/keys/release-signing.key \
 		$(BIN)/model-release build $(DEMO_CONFIG) -o $(DEMO)/dist --jobs 2
