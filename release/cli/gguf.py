@@ -59,7 +59,7 @@ def release_metadata(
 
 
 def gguf_command(
-    src: Path = typer.Argument(..., help="HF Llama-architecture checkpoint folder (e.g. what `convert` writes)."),
+    src: Path = typer.Argument(..., help="HF checkpoint folder of a supported architecture (e.g. `convert` output)."),
     out: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
     types: list[str] = typer.Option(
         ["Q8_0"], "--type", "-t", help=f"GGUF type, repeatable. One of: {', '.join(gguf_type_names())}."

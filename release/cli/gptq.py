@@ -1,4 +1,4 @@
-"""`model-release gptq`: an HF Llama folder -> a GPTQ folder that transformers, vLLM and GPTQModel load."""
+"""`model-release gptq`: an HF model folder -> a GPTQ folder that transformers, vLLM and GPTQModel load."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _group_size(text: str) -> int | None:
 
 
 def gptq_command(
-    src: Path = typer.Argument(..., help="HF Llama-architecture folder (config.json, weights, tokenizer)."),
+    src: Path = typer.Argument(..., help="HF folder of a supported architecture (config.json, weights, tokenizer)."),
     out: Path = typer.Option(..., "--output", "-o", help="GPTQ folder to write (must be empty unless --force)."),
     bits: int = typer.Option(4, "--bits", help=f"Bits per weight: {', '.join(map(str, BITS))}."),
     group_size: str = typer.Option(

@@ -217,7 +217,7 @@ def quantize(
     force: bool = False,
     reporter: Reporter = NULL,
 ) -> GPTQResult:
-    """Quantize an HF Llama folder to a GPTQ folder at ``out`` (atomic: all or nothing)."""
+    """Quantize an HF model folder to a GPTQ folder at ``out`` (atomic: all or nothing)."""
     started = time.monotonic()
     src, out = Path(src), Path(out).absolute()
     if settings.bits not in BITS:
