@@ -15,7 +15,9 @@ from __future__ import annotations
 import ast
 import fnmatch
 import json
+import operator
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -69,72 +71,90 @@ def registry() -> dict[str, dict[str, Any]]:
     return {name: full(name) for name in sorted(raw)}
 
 
-def evaluate(expr: str | int, values: dict[str, Any]) -> int:
-    """Evaluate a shape expression (``a * b + 2 * c``) over config values; a division must be exact."""
-    if isinstance(expr, int):
-        return expr
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Pow: operator.pow}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge}  # fmt: skip
+
+
+def _evaluate(expr: str, lookup: Callable[[str], Any], divide: Callable[[Any, Any], Any]) -> Any:
+    """The one evaluator of the expressions in the data (shapes, scales, ``requires``): config
+    names (through ``lookup``), numbers, + - * / **, comparisons and and/or/not, walked node by
+    node; nothing else parses, and Python's ``eval`` is never called."""
     try:
         tree = ast.parse(expr, mode="eval").body
     except SyntaxError:
-        raise ValueError(f"bad shape expression {expr!r}") from None
+        raise ValueError(f"bad expression {expr!r}") from None
 
-    def ev(node: ast.AST) -> int:
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
             return node.value
         if isinstance(node, ast.Name):
-            value = values.get(node.id)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise BadInputError(f"config.json: {node.id} is missing or not an integer")
+            return lookup(node.id)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            return divide(ev(node.left), ev(node.right))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return not ev(node.operand)
+        if isinstance(node, ast.BoolOp):  # Python's and/or: the deciding operand, short-circuited
+            value = ev(node.values[0])
+            for operand in node.values[1:]:
+                if bool(value) != isinstance(node.op, ast.And):
+                    return value
+                value = ev(operand)
             return value
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-            a, b = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Add):
-                return a + b
-            if isinstance(node.op, ast.Sub):
-                return a - b
-            if isinstance(node.op, ast.Mult):
-                return a * b
-            if b == 0 or a % b:
-                raise BadInputError(f"config.json: {expr} is not a whole number ({a} / {b})")
-            return a // b
-        raise ValueError(f"bad shape expression {expr!r}")
+        if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+            left = ev(node.left)
+            for op, right_node in zip(node.ops, node.comparators, strict=True):
+                right = ev(right_node)
+                if not _COMPARE[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        raise ValueError(f"bad expression {expr!r}: {type(node).__name__} is not allowed")
 
     return ev(tree)
 
 
+def evaluate(expr: str | int, values: dict[str, Any]) -> int:
+    """Evaluate a shape expression (``a * b + 2 * c``) over config values; a division must be exact."""
+    if isinstance(expr, int):
+        return expr
+
+    def integer(name: str) -> int:
+        value = values.get(name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadInputError(f"config.json: {name} is missing or not an integer")
+        return value
+
+    def exact(a: int, b: int) -> int:
+        if b == 0 or a % b:
+            raise BadInputError(f"config.json: {expr} is not a whole number ({a} / {b})")
+        return a // b
+
+    result = _evaluate(expr, integer, exact)
+    if not isinstance(result, int) or isinstance(result, bool):
+        raise ValueError(f"bad shape expression {expr!r}: not an integer")
+    return result
+
+
 def eval_number(expr: str, values: dict[str, Any]) -> float:
-    """A float expression over config values (``hidden_size ** 0.5``): names, numbers, + - * / **."""
-    ops = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__, ast.Div: float.__truediv__,
-           ast.Pow: float.__pow__}  # fmt: skip
+    """A float expression over config values (``hidden_size ** 0.5``)."""
 
-    def ev(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return float(node.value)
-        if isinstance(node, ast.Name) and isinstance(values.get(node.id), (int, float)):
-            return float(values[node.id])
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            return ops[type(node.op)](ev(node.left), ev(node.right))
-        raise BadInputError(f"cannot evaluate {expr!r} over config.json")
+    def number(name: str) -> float:
+        value = values.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise BadInputError(f"cannot evaluate {expr!r} over config.json ({name} is not a number)")
+        return float(value)
 
-    return ev(ast.parse(expr, mode="eval").body)
-
-
-_ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.Compare, ast.Eq, ast.NotEq, ast.Name, ast.Load,
-            ast.Constant, ast.BinOp, ast.Mult, ast.Div, ast.Add, ast.Sub, ast.UnaryOp, ast.Not, ast.Lt, ast.LtE,
-            ast.Gt, ast.GtE)  # fmt: skip
+    return float(_evaluate(expr, number, operator.truediv))
 
 
 def check(expr: str, values: dict[str, Any]) -> bool:
-    """Evaluate a ``requires`` condition: names are config values (None when absent); only
-    comparisons, and/or/not and arithmetic are allowed (the data never runs code)."""
-    tree = ast.parse(expr, mode="eval")
-    for node in ast.walk(tree):
-        if not isinstance(node, _ALLOWED):
-            raise ValueError(f"requires: {type(node).__name__} not allowed in {expr!r}")
-    names = {n.id: values.get(n.id) for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    """Evaluate a ``requires`` condition: names are config values (None when absent); a
+    comparison with an absent value is false."""
     try:
-        # Only the nodes allowed above, no builtins: comparisons of config values.
-        return bool(eval(compile(tree, "<requires>", "eval"), {"__builtins__": {}}, names))
+        return bool(_evaluate(expr, values.get, operator.truediv))
     except (TypeError, ZeroDivisionError):
         return False
 
@@ -181,6 +201,12 @@ class Architecture:
         for req in self.spec.get("requires", []):
             if not check(req["check"], values):
                 raise BadInputError(f"config.json: {self.name} needs {req['check']}: {req['why']}")
+
+    @property
+    def attention(self) -> str:
+        """transformers' attention kernel for this model: sdpa unless the description says otherwise
+        (Gemma 2's soft-capped attention runs only in the eager implementation)."""
+        return str(self.spec.get("attention", "sdpa"))
 
     @property
     def num_layers(self) -> int:

@@ -39,9 +39,6 @@ def registry() -> dict[str, dict[str, Any]]:
     return {**_shipped_registry(), **_CUSTOM}
 
 
-registry.cache_clear = _shipped_registry.cache_clear  # type: ignore[attr-defined]
-
-
 def register_custom(lic: dict[str, Any], base: Path) -> dict[str, Any]:
     """A license the registry cannot ship, declared in a release file with ``id``, ``name``,
     ``link`` and ``text`` (a path relative to the release file). Its text ships as LICENSE, pinned

@@ -171,22 +171,26 @@ def write_manifest(
     return manifest
 
 
-_GGUF_LICENSE_KEY = len(b"general.license").to_bytes(8, "little") + b"general.license" + (8).to_bytes(4, "little")
+def gguf_header_string(path: Path, key: str) -> str | None:
+    """A string key of a GGUF file, read from its header: found by its exact length-prefixed name
+    and string type (``general.license.name`` has another length), in the first MB, where the
+    general.* keys and our model_release.* keys sit before the vocabulary. GGUFReader would parse
+    the whole vocabulary (seconds per file) to answer the same."""
+    name = key.encode()
+    marker = len(name).to_bytes(8, "little") + name + (8).to_bytes(4, "little")  # 8: GGUF string
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    at = head.find(marker)
+    if not head.startswith(b"GGUF") or at < 0:
+        return None
+    start = at + len(marker)
+    n = int.from_bytes(head[start : start + 8], "little")
+    return head[start + 8 : start + 8 + n].decode("utf-8", errors="replace")
 
 
 def gguf_license(path: Path) -> str | None:
-    """``general.license`` of a GGUF file, read from its header: the key/value is found by its
-    exact length-prefixed key and string type (``general.license.name`` has another length), in the
-    first MB where the general.* keys sit before the vocabulary. GGUFReader would parse the whole
-    vocabulary (seconds per file) to answer the same."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    at = head.find(_GGUF_LICENSE_KEY)
-    if not head.startswith(b"GGUF") or at < 0:
-        return None
-    start = at + len(_GGUF_LICENSE_KEY)
-    n = int.from_bytes(head[start : start + 8], "little")
-    return head[start + 8 : start + 8 + n].decode("utf-8", errors="replace")
+    """``general.license`` of a GGUF file (see gguf_header_string)."""
+    return gguf_header_string(path, "general.license")
 
 
 def check_embedded_licenses(folder: Path, weights_license: str | None) -> None:
@@ -211,16 +215,11 @@ def check_embedded_licenses(folder: Path, weights_license: str | None) -> None:
 
 def _gguf_provenance(folder: Path) -> dict[str, str]:
     """The checkpoint hashes our GGUF files record (read from the first file's header only)."""
-    import gguf
-
     for g in sorted(folder.glob("*.gguf")):
-        r = gguf.GGUFReader(g)
-        out = {}
-        for key in ("source_checkpoint_hash", "origin_checkpoint_hash"):
-            f = r.fields.get(f"model_release.{key}")
-            if f is not None:
-                out[key] = f.contents()
-        return out
+        found = {
+            k: gguf_header_string(g, f"model_release.{k}") for k in ("source_checkpoint_hash", "origin_checkpoint_hash")
+        }
+        return {k: v for k, v in found.items() if v is not None}
     return {}
 
 

@@ -18,6 +18,7 @@ record is missing, so the rerun redoes exactly that step.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -168,7 +169,7 @@ def _dist_copy(rf: ReleaseFile) -> bytes:
     customs = (rf.data.get("release") or {}).get("licenses") or []
     if not customs:
         return rf.path.read_bytes()
-    data = json.loads(json.dumps(rf.data))
+    data = copy.deepcopy(rf.data)
     for lic in data["release"]["licenses"]:
         lic["text"] = str((rf.path.parent / lic["text"]).resolve())
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode()

@@ -199,13 +199,13 @@ def test_tampered_license_text_is_not_shipped(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv("MODEL_RELEASE_LICENSES", str(copy))
     from release import licensing
 
-    licensing.registry.cache_clear()
+    licensing._shipped_registry.cache_clear()  # the registry file is read once per process
     try:
         root = release_dir(tmp_path, tiny, SMOL)
         with pytest.raises(CheckFailedError, match="differs from its pinned text"):
             render_cards(root)
     finally:
-        licensing.registry.cache_clear()
+        licensing._shipped_registry.cache_clear()
 
 
 # ---- Llama 3.x, MIT, custom licenses, embedded licenses (issue 13) ------------------------------
@@ -345,6 +345,12 @@ def test_gguf_embedded_license_is_read_from_the_header(tmp_path, tiny, smollm2):
     import gguf
 
     assert gguf_license(path) == gguf.GGUFReader(path).get_field("general.license").contents() == "apache-2.0"
+    # The same header read gives the manifest its provenance keys, as GGUFReader reads them.
+    from release.manifest import _gguf_provenance
+
+    fields = gguf.GGUFReader(path).fields
+    hashes = {k: fields[f"model_release.{k}"].contents() for k in ("source_checkpoint_hash",)}
+    assert _gguf_provenance(tmp_path / "g") == hashes and hashes["source_checkpoint_hash"].startswith("blake3:")
     check_embedded_licenses(tmp_path / "g", "apache-2.0")
     with pytest.raises(CheckFailedError, match=r"m-Q8_0\.gguf: its embedded license is 'apache-2.0'.*'llama3\.1'"):
         check_embedded_licenses(tmp_path / "g", "llama3.1")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from release import hashing
-from release.architectures import Architecture, check, data_file, evaluate
+from release.architectures import Architecture, check, data_file
 from release.atomic import fsync_path
 from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
@@ -214,8 +214,6 @@ def _hparams(writer: gguf.GGUFWriter, arch: Architecture, plan_keys: dict[str, l
     spec = arch.spec["gguf"]
     for key, (kind, source, *flags) in spec["keys"].items():
         value = arch.values.get(source)
-        if value is None and isinstance(source, str) and any(c in source for c in "*/+"):
-            value = evaluate(source, arch.values)
         if value is None:
             if "optional" in flags:
                 continue

@@ -203,13 +203,14 @@ def publish(
 
     started = time.monotonic()
     meta, folders = release_folders(release_dir)
+    weights_license = decide(meta).weights_license
     targets: list[tuple[Path, str, dict[str, str]]] = []
     for folder, kind in folders:
         if not (folder / MANIFEST).is_file():
             raise BadInputError(f"{folder}: no {MANIFEST}; run `model-release manifest` (and `sign`) first")
         manifest = load_manifest(folder / MANIFEST)
         check_files(folder, manifest)  # never publish a folder that no longer matches its manifest
-        check_embedded_licenses(folder, decide(meta).weights_license)  # nor one whose files disagree
+        check_embedded_licenses(folder, weights_license)  # nor one whose files disagree
         for needed in ("README.md", "LICENSE"):
             if not (folder / needed).is_file():
                 raise BadInputError(f"{folder}: no {needed}; run `model-release card` first")

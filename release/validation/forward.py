@@ -87,15 +87,14 @@ def choose(src: Path, device: str, mode: str, tokens: int, shape: ModelShape | N
 
 
 def attention_implementation(src: Path) -> str:
-    """transformers' attention kernel for a model: sdpa, unless its architecture description says
-    otherwise (Gemma 2's attention soft-capping runs only in the eager implementation)."""
+    """``Architecture.attention`` of a model folder, read from its config.json alone."""
     import json
 
     from release.architectures import resolve
 
     try:
         config = json.loads((Path(src) / "config.json").read_text(encoding="utf-8"))
-        return str(resolve(config).spec.get("attention", "sdpa"))
+        return resolve(config).attention
     except (OSError, ValueError, BadInputError):
         return "sdpa"  # not ours to refuse here: loading the model reports a bad config
 
@@ -172,7 +171,7 @@ class StreamedModel(ForwardModel):
         self.config = AutoConfig.from_pretrained(self.src)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(
-                self.config, dtype=torch.float32, attn_implementation=plan.architecture.spec.get("attention", "sdpa")
+                self.config, dtype=torch.float32, attn_implementation=plan.architecture.attention
             ).eval()
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
