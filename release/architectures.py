@@ -16,30 +16,13 @@ import ast
 import fnmatch
 import json
 import operator
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
+from release.datafiles import data_dir
 from release.errors import BadInputError
-
-
-def data_file(*parts: str) -> Any:
-    """Load a JSON data file shipped in ``release/data``."""
-    path = resources.files("release").joinpath("data", *parts)
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def project_folder(name: str, env: str, marker: str) -> Path:
-    """A top-level folder of the project that holds data shipped as files (``licenses/``,
-    ``model_cards/``), found beside the ``release`` package; ``$env`` points elsewhere."""
-    folder = Path(os.environ[env]) if os.environ.get(env) else Path(__file__).resolve().parents[1] / name
-    if not (folder / marker).is_file():
-        raise BadInputError(f"{folder}: no {marker} here; set {env} to the project's {name}/ folder")
-    return folder
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +39,7 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 
 @cache
 def registry() -> dict[str, dict[str, Any]]:
-    folder = resources.files("release").joinpath("data", "architectures")
+    folder = data_dir("architectures")
     raw = {}
     for entry in folder.iterdir():
         if entry.name.endswith(".json"):

@@ -17,8 +17,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from release.architectures import data_file, project_folder
 from release.atomic import atomic_file
+from release.datafiles import data_file, project_folder
 from release.errors import BadInputError, CheckFailedError
 from release.hashing import origin_hash, sha256_file
 from release.licensing import LicenseDecision, decide, license_info, write_license_files

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from release import TOOL_NAME, hashing
-from release.architectures import Architecture, data_file, resolve
+from release.architectures import Architecture, resolve
+from release.datafiles import data_file
 from release.errors import BadInputError
 from release.tensors import TensorFile, TensorRef, TorchPickleFile, open_tensor_file, tensor_bytes
 

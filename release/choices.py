@@ -4,7 +4,7 @@ top-k, GGUF's types (read from ``release/data/gguf/types.json``)."""
 
 from __future__ import annotations
 
-from release.architectures import data_file
+from release.datafiles import data_file
 
 # --dtype choices of `convert`: name -> safetensors code (None: keep the stored dtypes)
 CAST_CHOICES: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}

@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from release.architectures import data_file
 from release.atomic import atomic_dir
+from release.datafiles import data_file
 from release.errors import BadInputError
 from release.hashing import sha256_file
 from release.progress import NULL, Reporter

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from release import hashing
 from release.errors import BadInputError, ReleaseError
 from release.progress import NULL, Reporter
+
+if TYPE_CHECKING:
+    from release.checkpoint import Checkpoint, TensorPlan
 
 # GGUF keys shown as license / lineage / provenance metadata
 _GGUF_META_PREFIXES = (
@@ -35,51 +38,61 @@ def describe(path: Path, *, with_hash: bool = False, reporter: Reporter = NULL) 
 
 def describe_checkpoint(path: Path, *, with_hash: bool, reporter: Reporter) -> dict[str, Any]:
     # The tensor reader needs torch (the convert extra); a GGUF file is read without it.
-    from release.checkpoint import iter_with_digests, open_checkpoint, plan_tensors
+    from release.checkpoint import open_checkpoint
 
     with open_checkpoint(path) as ckpt:
-        dtype_params: Counter[str] = Counter()
-        for ref in ckpt.refs.values():
-            dtype_params[ref.dtype] += ref.numel
-        files = [{"file": f.path.name, "bytes": f.path.stat().st_size, "tensors": len(f.refs)} for f in ckpt.files]
-        meta = dict(ckpt.files[0].metadata)
-        out: dict[str, Any] = {
-            "path": str(path),
-            "kind": "checkpoint",
-            "format": ckpt.format,
-            "layout": ckpt.layout,
-            "architecture": (ckpt.config.get("architectures") or [None])[0],
-            "model_type": ckpt.config.get("model_type"),
-            "parameters": sum(dtype_params.values()),
-            "tensors": len(ckpt.refs),
-            "dtypes": dict(dtype_params.most_common()),
-            "files": files,
-            "total_bytes": sum(f["bytes"] for f in files),
-            "tie_word_embeddings": bool(ckpt.config.get("tie_word_embeddings", False)),
-            "extra_files": [p.name for p in ckpt.extra_files()],
-            "has_tokenizer": ckpt.has_tokenizer(),
-            "chat_template": _has_chat_template(ckpt.root),
-            "metadata": meta,
-            "license": {k: meta[k] for k in _LICENSE_KEYS if k in meta},
-        }
-        try:
-            plan = plan_tensors(ckpt)
-            out["check"] = "ok"
-            refs = plan.tensors
-        except ReleaseError as exc:  # inspect reports problems instead of failing on them
-            out["check"] = exc.message
-            refs = sorted(ckpt.refs.values(), key=lambda r: r.name)
-        if with_hash:
-            reporter.start("hashing tensors", sum(r.nbytes for r in refs))
-            entries = {}
-            for ref, digest in iter_with_digests(ckpt, refs):
-                entries[ref.name] = (ref.dtype, ref.shape, digest)
-                reporter.advance(ref.nbytes)
-            reporter.done()
-            out["checkpoint_hash"] = hashing.checkpoint_hash(entries)
-            recorded = meta.get("source_checkpoint_hash")
-            if recorded:
-                out["matches_source_hash"] = recorded == out["checkpoint_hash"]
+        return describe_open(ckpt, path, with_hash=with_hash, reporter=reporter)
+
+
+def describe_open(
+    ckpt: Checkpoint, path: Path, *, with_hash: bool = False, reporter: Reporter = NULL, plan: TensorPlan | None = None
+) -> dict[str, Any]:
+    """``describe`` of a checkpoint the caller already holds open (and may have planned): its
+    headers are not read again."""
+    from release.checkpoint import iter_with_digests, plan_tensors
+
+    dtype_params: Counter[str] = Counter()
+    for ref in ckpt.refs.values():
+        dtype_params[ref.dtype] += ref.numel
+    files = [{"file": f.path.name, "bytes": f.path.stat().st_size, "tensors": len(f.refs)} for f in ckpt.files]
+    meta = dict(ckpt.files[0].metadata)
+    out: dict[str, Any] = {
+        "path": str(path),
+        "kind": "checkpoint",
+        "format": ckpt.format,
+        "layout": ckpt.layout,
+        "architecture": (ckpt.config.get("architectures") or [None])[0],
+        "model_type": ckpt.config.get("model_type"),
+        "parameters": sum(dtype_params.values()),
+        "tensors": len(ckpt.refs),
+        "dtypes": dict(dtype_params.most_common()),
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files),
+        "tie_word_embeddings": bool(ckpt.config.get("tie_word_embeddings", False)),
+        "extra_files": [p.name for p in ckpt.extra_files()],
+        "has_tokenizer": ckpt.has_tokenizer(),
+        "chat_template": _has_chat_template(ckpt.root),
+        "metadata": meta,
+        "license": {k: meta[k] for k in _LICENSE_KEYS if k in meta},
+    }
+    try:
+        plan = plan if plan is not None else plan_tensors(ckpt)
+        out["check"] = "ok"
+        refs = plan.tensors
+    except ReleaseError as exc:  # inspect reports problems instead of failing on them
+        out["check"] = exc.message
+        refs = sorted(ckpt.refs.values(), key=lambda r: r.name)
+    if with_hash:
+        reporter.start("hashing tensors", sum(r.nbytes for r in refs))
+        entries = {}
+        for ref, digest in iter_with_digests(ckpt, refs):
+            entries[ref.name] = (ref.dtype, ref.shape, digest)
+            reporter.advance(ref.nbytes)
+        reporter.done()
+        out["checkpoint_hash"] = hashing.checkpoint_hash(entries)
+        recorded = meta.get("source_checkpoint_hash")
+        if recorded:
+            out["matches_source_hash"] = recorded == out["checkpoint_hash"]
     return out
 
 

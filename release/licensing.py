@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from release.architectures import project_folder
+from release.datafiles import project_folder
 from release.errors import BadInputError, CheckFailedError
 
 

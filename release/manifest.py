@@ -16,9 +16,9 @@ from typing import Any
 import jsonschema
 
 from release import TOOL_NAME, __version__
-from release.architectures import data_file
 from release.atomic import atomic_file
 from release.cards import folder_kind, release_folders, repo_id
+from release.datafiles import data_file
 from release.errors import BadInputError, CheckFailedError
 from release.hashing import origin_hash, sha256_file
 from release.licensing import decide

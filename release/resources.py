@@ -166,7 +166,7 @@ class Need:
 
 
 def forward_need(shape: ModelShape, tokens: int, device: str, mode: str) -> Need:
-    """A reference or transformers validation run (see ``release.validation.forward``)."""
+    """A reference or transformers validation run (see ``release.forward``)."""
     work = shape.resident_forward(tokens) if mode == "resident" else shape.streamed_forward(tokens)
     if device.startswith("cuda"):
         # Weights pass through host memory one tensor at a time; logits come back per prompt.

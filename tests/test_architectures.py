@@ -163,7 +163,7 @@ def test_each_conversion_mistake_is_caught(built, mistake):
 @pytest.mark.real_model
 @pytest.mark.parametrize("arch", [a for a in ARCHS if _spec(a).get("streamed_forward")])
 def test_streamed_forward_gives_the_resident_logits(built, arch):
-    from release.validation.forward import ResidentModel, StreamedModel
+    from release.forward import ResidentModel, StreamedModel
 
     src = built[arch][0]
     prompts = [_ids(2)[:100], _ids(3)[:17]]  # 100 > the Gemma models' 64-token sliding window
@@ -239,7 +239,7 @@ def test_gptq_4bit_loads_in_transformers(built, arch, tmp_path):
     """GPTQModel's own definition of each family (Llama and OLMo 2 go through its Llama one, tested
     on SmolLM2 and in the OLMo 2 build): 4-bit quantizes, loads in transformers and computes the model."""
     from release.formats.gptq import GPTQSettings, quantize
-    from release.validation.forward import ResidentModel
+    from release.forward import ResidentModel
 
     src, model, _ = built[arch]
     quantize(src, tmp_path / "gptq", GPTQSettings(bits=4, samples=4, seq_len=64))

@@ -10,7 +10,7 @@ import sys
 
 import tomllib
 
-from release.architectures import data_file
+from release.datafiles import data_file
 from tests.conftest import ROOT
 
 HEAVY = ("torch", "transformers", "llama_cpp", "gptqmodel", "matplotlib", "accelerate", "jinja2")

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from release.architectures import data_file
 from release.cards import render_cards
+from release.datafiles import data_file
 from release.errors import CheckFailedError
 from release.formats.safetensors import convert
 from release.licensing import decide

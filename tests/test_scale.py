@@ -49,7 +49,7 @@ def test_streamed_reference_equals_resident(smollm2, smollm2_reference, tmp_path
 def test_streamed_head_in_vocabulary_chunks_equals_resident(smollm2):
     from transformers import AutoTokenizer
 
-    from release.validation.forward import ResidentModel, StreamedModel
+    from release.forward import ResidentModel, StreamedModel
 
     tok = AutoTokenizer.from_pretrained(smollm2.hf)
     prompts = [tok.encode("Metformin is a first-line treatment for type 2 diabetes."), tok.encode("def f(x):")]
@@ -123,21 +123,21 @@ def test_build_refuses_a_plan_that_does_not_fit(tmp_path, cli, monkeypatch):
     from tests.test_pipeline import _release_file
 
     rf = _release_file(tmp_path / "release.yaml", gguf={"types": ["Q8_0"]})
-    monkeypatch.setattr("release.pipeline.mem_available", lambda: 300 << 20)
+    monkeypatch.setattr("release.resources.mem_available", lambda: 300 << 20)
     r = cli("build", rf, "-o", tmp_path / "dist", "--json")
     assert r.exit_code == 2
     msg = json.loads(r.stdout)["message"]
     assert msg.startswith("convert needs about") and "of memory; 315 MB is available" in msg
     assert not (tmp_path / "dist").exists()  # refused before anything was written
-    monkeypatch.setattr("release.pipeline.mem_available", lambda: 64 << 30)
-    monkeypatch.setattr("release.pipeline.disk_free", lambda _p: 100 << 20)
+    monkeypatch.setattr("release.resources.mem_available", lambda: 64 << 30)
+    monkeypatch.setattr("release.resources.disk_free", lambda _p: 100 << 20)
     r = cli("build", rf, "-o", tmp_path / "dist", "--json")
     assert r.exit_code == 2
     assert "of disk; 105 MB is free" in json.loads(r.stdout)["message"]
 
 
 def test_forward_mode_follows_free_memory(smollm2, monkeypatch):
-    from release.validation import forward
+    from release import forward
 
     assert forward.choose(smollm2.hf, "cpu", "auto", 512).mode == "resident"
     # Resident: 0.54 GB of float32 weights + 0.8 GB of process + ~0.5 GB of logits at 512 tokens,
@@ -161,7 +161,7 @@ def test_gptq_validation_that_cannot_fit_is_refused(smollm2_gptq, smollm2_refere
 
 
 def test_a_killed_step_is_reported_as_killed_with_its_peak(tmp_path):
-    from release.pipeline import _failure_message, _reap
+    from release.pipeline.local import failure_message, reap
     from release.resources import vm_hwm
 
     hog = (
@@ -173,16 +173,16 @@ def test_a_killed_step_is_reported_as_killed_with_its_peak(tmp_path):
     while done is None:  # as the build does: VmHWM sampled while it runs, reaped with wait4
         peak = max(peak, vm_hwm(proc.pid))
         time.sleep(0.05)
-        done = _reap(proc)
+        done = reap(proc)
     assert proc.returncode == -signal.SIGKILL and 300 << 20 < peak < 1 << 30
     log = tmp_path / "step.log"
     log.write_text("error: the real cause\nW1128 torch/utils/_pytree.py:630] ... is deprecated\n")
-    msg = _failure_message(proc.returncode, {}, log, 41.2, peak)
+    msg = failure_message(proc.returncode, {}, log, 41.2, peak)
     assert msg.startswith("killed by signal 9 (SIGKILL) (out of memory?) after 41 s; peak 3")
     assert msg.endswith(" MB")
     # A step that exits with an error: its own error line, not the library warning printed after it.
-    assert _failure_message(2, {}, log, 1, 0).startswith("error: the real cause (exit 2; log: ")
-    assert _failure_message(2, {"message": "from --json"}, log, 1, 0) == "from --json"
+    assert failure_message(2, {}, log, 1, 0).startswith("error: the real cause (exit 2; log: ")
+    assert failure_message(2, {"message": "from --json"}, log, 1, 0) == "from --json"
 
 
 def test_gguf_split_set_loads_in_llama_cpp_as_one_variant(smollm2, smollm2_reference, tmp_path, cli):

@@ -131,3 +131,20 @@ def test_missing_variant_or_reference(setup, cli, tmp_path):
     assert r.exit_code == 2 and "no such variant" in r.error_lines[-1]
     r = cli("validate", setup["q8"], "-r", tmp_path / "nope.safetensors")
     assert r.exit_code == 2 and "no such reference file" in r.error_lines[-1]
+
+
+@pytest.mark.parametrize("forward", ["resident", "streamed"])
+def test_reference_opens_the_source_once(tiny, smollm2, tmp_path, monkeypatch, forward):
+    """One `reference` run reads the source's headers once: the checks, the hash, the forward
+    choice and the streamed model share one open checkpoint (it was opened five times)."""
+    from release import checkpoint
+
+    src, _, _ = tiny("st-sharded", vocab_size=49152, hidden_size=64, intermediate_size=128)
+    for n in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(smollm2.hf / n, src / n)
+    opened: list[str] = []
+    real = checkpoint.open_tensor_file
+    monkeypatch.setattr(checkpoint, "open_tensor_file", lambda p: opened.append(Path(p).name) or real(p))
+    result = build_reference(src, tmp_path / "ref.safetensors", forward=forward, max_tokens=32)
+    assert result.forward == forward and result.predicted_tokens > 0
+    assert sorted(opened) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]

@@ -22,7 +22,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from release.errors import ReleaseError, missing_extra
+from release.errors import ReleaseError
+from release.extras import missing_extra
 from release.progress import Reporter
 
 T = TypeVar("T")
@@ -38,7 +39,7 @@ FORWARD_HELP = (
 )
 IMATRIX_HELP = (
     "Importance matrix for the k-quant and IQ types: auto (collect one from SRC on the calibration text and "
-    "ship it as OUT/<name>.imatrix), a file (llama.cpp's imatrix GGUF format), or none. IQ2_M/IQ2_XS need one."
+    "ship it as `OUT/<name>.imatrix`), a file (llama.cpp's imatrix GGUF format), or none. IQ2_M/IQ2_XS need one."
 )
 CALIBRATION_HELP = (
     "Calibration text: .txt (one document per line) or .jsonl (a text field). Default: the built-in "

@@ -14,7 +14,7 @@ def build_command(
     release_file: Path = typer.Argument(
         ..., help="Release file (YAML/JSON; shape: release/data/schemas/release_file.schema.json)."
     ),
-    dist: Path = typer.Option(Path("dist"), "--output", "-o", help="Where DIST/<name>-<version>/ is built."),
+    dist: Path = typer.Option(Path("dist"), "--output", "-o", help="Where `DIST/<name>-<version>/` is built."),
     only: str | None = typer.Option(
         None, "--only", help="Comma-separated families to build: safetensors, gguf, gptq (no cards/manifest/signature)."
     ),
@@ -32,18 +32,19 @@ def build_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Build a release: convert -> reference logits -> each variant (GGUF types, GPTQ) -> validation
-    -> cards and license files -> manifest -> signature, into DIST/<name>-<version>/ with one folder
+    -> cards and license files -> manifest -> signature, into `DIST/<name>-<version>/` with one folder
     per repository to publish.
 
-    Each step records the hash of its inputs in DIST/<name>-<version>/.steps/: a rerun after success
+    Each step records the hash of its inputs in `DIST/<name>-<version>/.steps/`: a rerun after success
     does nothing, a rerun after a crash or kill -9 redoes only the unfinished step, and changing one
     GGUF type rebuilds that file and what depends on it. A bad key or a license violation in the
     release file fails before any heavy work, and so does a plan that cannot fit this machine: each
     step's memory, GPU memory and disk are estimated from the model's shapes and checked against
     what is available (the reference and transformers validation run one decoder layer at a time
     when the float32 model does not fit, so a 7B model needs ~2 GB and a 70B one ~4.5 GB). Each
-    step's stderr goes to DIST/<name>-<version>/.work/logs/<step>.log. Exit codes: 0 built and every variant passed, 1 a
-    validation or license check failed, 2 bad input."""
+    step's stderr goes to `DIST/<name>-<version>/.work/logs/<step>.log`.
+
+    Exit codes: 0 built and every variant passed, 1 a validation or license check failed, 2 bad input."""
     from release.pipeline import build
 
     families = {f.strip() for f in only.split(",") if f.strip()} if only else None

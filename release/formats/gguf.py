@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from release import hashing
-from release.architectures import Architecture, check, data_file
+from release.architectures import Architecture, check
 from release.atomic import fsync_path
 from release.capture import capture_fd, tail
 from release.checkpoint import Checkpoint, check_tied, open_checkpoint, plan_tensors
+from release.datafiles import data_file
 from release.errors import BadInputError, CheckFailedError, os_error_to_release_error
 from release.formats import gguf_quants
 from release.formats import gguf_rope as rope

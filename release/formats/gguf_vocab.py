@@ -24,7 +24,7 @@ from typing import Any
 
 import gguf
 
-from release.architectures import data_file
+from release.datafiles import data_file
 from release.errors import BadInputError
 
 

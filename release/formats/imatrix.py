@@ -8,7 +8,7 @@ calibration tokens of the squared input activation, per input column, and the nu
 Why we collect it ourselves instead of running ``llama-imatrix``: llama-cpp-python ships no imatrix
 tool (only the quantizer), and ``llama-imatrix`` needs the whole model in memory in a lossless
 format (14 GB at 7B in BF16, 140 GB at 70B). Here the pass is transformers' own float32 forward
-(``release.validation.forward``), one decoder layer at a time when the model does not fit: the same
+(``release.forward``), one decoder layer at a time when the model does not fit: the same
 bounded pass as the reference logits, with forward pre-hooks on the layers' linear modules.
 
 The file is llama.cpp's GGUF imatrix format (``tools/imatrix/imatrix.cpp``, ``save_imatrix``):
@@ -144,52 +144,54 @@ def collect(
     from release.calibration import build_calibration
     from release.checkpoint import open_checkpoint, plan_tensors
     from release.formats.gguf_names import tensor_name_map
-    from release.validation.forward import open_forward
+    from release.forward import open_forward
 
     started = time.monotonic()
     src = Path(src)
     warn = warnings if warnings is not None else []
+    # The source is opened once, for its architecture and for the forward pass.
     with open_checkpoint(src) as ckpt:
-        arch = plan_tensors(ckpt).architecture
-    names = tensor_name_map(arch)
-    paths = arch.spec.get("streamed_forward")
-    if not paths:
-        raise BadInputError(f"architecture {arch.name} has no forward description for an imatrix")
-    tokenizer = _tokenizer(src)
-    cal = build_calibration(calibration, tokenizer, seq_len=chunk_size, seed=seed, samples=chunks, warn=warn)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+        plan = plan_tensors(ckpt)
+        arch = plan.architecture
+        names = tensor_name_map(arch)
+        paths = arch.spec.get("streamed_forward")
+        if not paths:
+            raise BadInputError(f"architecture {arch.name} has no forward description for an imatrix")
+        tokenizer = _tokenizer(src)
+        cal = build_calibration(calibration, tokenizer, seq_len=chunk_size, seed=seed, samples=chunks, warn=warn)
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
 
-    def hook(gname: str) -> Any:
-        def pre(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1])
-            # Squares in float32 as llama.cpp does; sums accumulated in float64 (deterministic, and
-            # no loss over millions of tokens), stored as float32.
-            part = torch.square(x.float()).sum(0, dtype=torch.float64)
-            sums[gname] = part if gname not in sums else sums[gname] + part
-            counts[gname] = counts.get(gname, 0) + x.shape[0]
+        def hook(gname: str) -> Any:
+            def pre(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0].detach()
+                x = x.reshape(-1, x.shape[-1])
+                # Squares in float32 as llama.cpp does; sums accumulated in float64 (deterministic, and
+                # no loss over millions of tokens), stored as float32.
+                part = torch.square(x.float()).sum(0, dtype=torch.float64)
+                sums[gname] = part if gname not in sums else sums[gname] + part
+                counts[gname] = counts.get(gname, 0) + x.shape[0]
 
-        return pre
+            return pre
 
-    tokens = sum(len(w) for w in cal.windows)
-    with open_forward(src, device, forward, tokens=chunk_size, reporter=reporter) as (model, choice):
-        layers = model.model.get_submodule(paths["layers"])
-        handles = []
-        for rel, module in layers.named_modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            gname = names.get_name(f"{paths['layers']}.{rel}.weight", try_suffixes=(".weight",))
-            if gname is None or not gname.startswith("blk."):
-                continue
-            handles.append(module.register_forward_pre_hook(hook(gname)))
-        if not handles:
-            raise BadInputError(f"{src}: no decoder-layer weight matrix maps to a GGUF name")
-        try:
-            model.observe(cal.windows)
-        finally:
-            for h in handles:
-                h.remove()
+        tokens = sum(len(w) for w in cal.windows)
+        with open_forward(src, device, forward, chunk_size, reporter, ckpt=ckpt, plan=plan) as (model, choice):
+            layers = model.model.get_submodule(paths["layers"])
+            handles = []
+            for rel, module in layers.named_modules():
+                if not isinstance(module, torch.nn.Linear):
+                    continue
+                gname = names.get_name(f"{paths['layers']}.{rel}.weight", try_suffixes=(".weight",))
+                if gname is None or not gname.startswith("blk."):
+                    continue
+                handles.append(module.register_forward_pre_hook(hook(gname)))
+            if not handles:
+                raise BadInputError(f"{src}: no decoder-layer weight matrix maps to a GGUF name")
+            try:
+                model.observe(cal.windows)
+            finally:
+                for h in handles:
+                    h.remove()
     out = {k: v.cpu().numpy().astype(np.float32) for k, v in sums.items()}
     for k, v in out.items():
         if not np.isfinite(v).all():

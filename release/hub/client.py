@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from release.cards import folder_kind, release_folders
-from release.errors import BadInputError, CheckFailedError, MissingExtraError, ReleaseError, missing_extra
+from release.errors import BadInputError, CheckFailedError, MissingExtraError, ReleaseError
+from release.extras import missing_extra
 from release.hashing import sha256_file
 from release.licensing import decide
 from release.manifest import (

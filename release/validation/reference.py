@@ -29,13 +29,13 @@ from safetensors import safe_open
 
 from release import __version__
 from release.atomic import atomic_file
-from release.checkpoint import open_checkpoint
+from release.checkpoint import open_checkpoint, plan_tensors
 from release.choices import TOP_K
 from release.errors import BadInputError
 from release.formats.safetensors import save_small
-from release.inspect import describe
+from release.forward import open_forward
+from release.inspect import describe_open
 from release.progress import NULL, Reporter
-from release.validation.forward import open_forward
 
 FORMAT = "model-release-reference"
 FORMAT_VERSION = "1"
@@ -87,6 +87,22 @@ def tokenizer_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _encode(src: Path, prompts: list[Prompt], max_tokens: int) -> list[list[int]]:
+    """The prompts' token ids by the source's own tokenizer, each cut to ``max_tokens``."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs would interleave
+    tok = AutoTokenizer.from_pretrained(src)
+    encoded = []
+    for p in prompts:
+        ids = list(tok.encode(p.text))[:max_tokens]
+        if len(ids) < 2:
+            raise BadInputError(f"prompt {p.id!r} has fewer than 2 tokens")
+        encoded.append(ids)
+    return encoded
+
+
 @dataclass
 class ReferenceResult:
     output: str
@@ -124,47 +140,42 @@ def build_reference(
     started = time.monotonic()
     src = Path(src)
     prompts, prompts_name, prompts_hash = load_prompts(prompts_file)
-    with open_checkpoint(src) as ckpt:  # checks the folder is a checkpoint we understand
+    # The source is opened once: the checks, the hash, the shape for the forward choice and the
+    # streamed model all use this one open checkpoint and its plan.
+    with open_checkpoint(src) as ckpt:
         if not ckpt.has_tokenizer():
             raise BadInputError(f"{src}: no tokenizer; a reference needs the model's own tokenizer")
-        source_format = ckpt.format
-    source_hash = describe(src, with_hash=True, reporter=reporter)["checkpoint_hash"]
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs would interleave
-
-    tok = AutoTokenizer.from_pretrained(src)
-    encoded = []
-    for p in prompts:
-        ids = list(tok.encode(p.text))[:max_tokens]
-        if len(ids) < 2:
-            raise BadInputError(f"prompt {p.id!r} has fewer than 2 tokens")
-        encoded.append(ids)
-    offsets = [0]
-    topk_ids, topk_lp, target_lp, rest = [], [], [], []
-    with open_forward(src, device, forward, max(map(len, encoded)), reporter) as (model, choice):
-        vocab_size = model.vocab_size
-        if choice.mode == "resident":
-            reporter.start(f"reference logits for {len(prompts)} prompts", len(prompts), unit="prompts")
-        compute_start = time.monotonic()
-        for ids, logits in zip(encoded, model.logits(encoded), strict=True):
-            logits = logits[:-1]  # row t predicts token t+1; the last row predicts nothing stored
-            targets = torch.tensor(ids[1:])
-            # Row by row is what log_softmax does anyway; chunks bound the float64 copies (rows x vocab).
-            for a in range(0, len(targets), _ROWS):
-                lp = torch.log_softmax(logits[a : a + _ROWS].double(), dim=-1)
-                values, indices = lp.topk(top_k, dim=-1)
-                topk_ids.append(indices.to(torch.int32))
-                topk_lp.append(values.float())
-                target_lp.append(lp.gather(1, targets[a : a + _ROWS].unsqueeze(1)).squeeze(1).float())
-                rest.append(1 - values.exp().sum(-1))
-                del lp
-            offsets.append(offsets[-1] + len(ids))
+        plan = plan_tensors(ckpt)
+        described = describe_open(ckpt, src, with_hash=True, reporter=reporter, plan=plan)
+        source_hash = described["checkpoint_hash"]
+        encoded = _encode(src, prompts, max_tokens)
+        offsets = [0]
+        topk_ids, topk_lp, target_lp, rest = [], [], [], []
+        with open_forward(src, device, forward, max(map(len, encoded)), reporter, ckpt=ckpt, plan=plan) as (
+            model,
+            choice,
+        ):
+            vocab_size = model.vocab_size
             if choice.mode == "resident":
-                reporter.advance(1)
-            del logits
-        reporter.done()
+                reporter.start(f"reference logits for {len(prompts)} prompts", len(prompts), unit="prompts")
+            compute_start = time.monotonic()
+            for ids, logits in zip(encoded, model.logits(encoded), strict=True):
+                logits = logits[:-1]  # row t predicts token t+1; the last row predicts nothing stored
+                targets = torch.tensor(ids[1:])
+                # Row by row is what log_softmax does anyway; chunks bound the float64 copies (rows x vocab).
+                for a in range(0, len(targets), _ROWS):
+                    lp = torch.log_softmax(logits[a : a + _ROWS].double(), dim=-1)
+                    values, indices = lp.topk(top_k, dim=-1)
+                    topk_ids.append(indices.to(torch.int32))
+                    topk_lp.append(values.float())
+                    target_lp.append(lp.gather(1, targets[a : a + _ROWS].unsqueeze(1)).squeeze(1).float())
+                    rest.append(1 - values.exp().sum(-1))
+                    del lp
+                offsets.append(offsets[-1] + len(ids))
+                if choice.mode == "resident":
+                    reporter.advance(1)
+                del logits
+            reporter.done()
     ids_all = [torch.tensor(ids, dtype=torch.int32) for ids in encoded]
     compute = time.monotonic() - compute_start
     tensors = {
@@ -182,8 +193,8 @@ def build_reference(
         "format_version": FORMAT_VERSION,
         "producer": f"model-release {__version__}",
         "source_checkpoint_hash": source_hash,
-        "source_format": source_format,
-        "source_dtypes": ",".join(sorted(describe(src)["dtypes"])),
+        "source_format": described["format"],
+        "source_dtypes": ",".join(sorted(described["dtypes"])),
         "tokenizer_hash": tokenizer_hash(src),
         "prompts": prompts_name,
         "prompts_hash": prompts_hash,

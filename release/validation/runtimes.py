@@ -63,7 +63,7 @@ class TransformersRuntime(Runtime):
     """Weights as stored, computed in float32 (so a lossless copy reproduces the reference exactly).
 
     A safetensors variant runs resident or streamed one layer at a time, as the reference does
-    (``release.validation.forward``); a GPTQ variant runs resident through GPTQModel's kernels, after
+    (``release.forward``); a GPTQ variant runs resident through GPTQModel's kernels, after
     a check that it fits the device."""
 
     name = "transformers"
@@ -73,7 +73,9 @@ class TransformersRuntime(Runtime):
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from release.validation.forward import ResidentModel, StreamedModel, choose
+        from release.checkpoint import open_checkpoint, plan_tensors
+        from release.forward import ResidentModel, StreamedModel, choose
+        from release.resources import plan_shape
 
         hf_logging.disable_progress_bar()
 
@@ -96,9 +98,20 @@ class TransformersRuntime(Runtime):
                 self.fwd = ResidentModel(path, device, quantized=True)
                 self.forward = "resident"
             else:
-                choice = choose(path, device, forward, tokens)
+                # The variant's headers are read once, for the choice and for the streamed model.
+                ckpt = open_checkpoint(path)
+                try:
+                    plan = plan_tensors(ckpt)
+                    choice = choose(path, device, forward, tokens, plan_shape(plan))
+                except BaseException:
+                    ckpt.close()
+                    raise
                 self.forward = choice.mode
-                self.fwd = ResidentModel(path, device) if choice.mode == "resident" else StreamedModel(path, device)
+                if choice.mode == "resident":
+                    ckpt.close()
+                    self.fwd = ResidentModel(path, device)
+                else:
+                    self.fwd = StreamedModel(path, device, ckpt=ckpt, plan=plan, owns=True)
         self.device = device
         self.vocab_size = self.fwd.vocab_size
         from release.safetensors_header import folder_metadata

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from release.architectures import data_file
+from release.datafiles import data_file
 from release.errors import BadInputError, CheckFailedError
 from release.progress import NULL, Reporter
 from release.resources import rss_anon

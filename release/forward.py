@@ -28,7 +28,7 @@ import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +47,9 @@ from release.resources import (
     resident_fits,
 )
 from release.tensors import LIBC, SafetensorsFile, drop_pages
+
+if TYPE_CHECKING:
+    from release.checkpoint import Checkpoint, TensorPlan
 
 MODES = ("auto", "resident", "streamed")
 
@@ -153,7 +156,18 @@ class ResidentModel(ForwardModel):
 class StreamedModel(ForwardModel):
     """The model as a meta skeleton; weights come in one module at a time (see the module doc)."""
 
-    def __init__(self, src: Path, device: str, reporter: Reporter = NULL) -> None:
+    def __init__(
+        self,
+        src: Path,
+        device: str,
+        reporter: Reporter = NULL,
+        *,
+        ckpt: Checkpoint | None = None,
+        plan: TensorPlan | None = None,
+        owns: bool | None = None,
+    ) -> None:
+        """``ckpt`` (with its ``plan``): a checkpoint already open, which the caller closes unless
+        ``owns`` hands it over; without it the model opens ``src`` and closes it in ``close()``."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from release.checkpoint import open_checkpoint, plan_tensors
@@ -161,11 +175,12 @@ class StreamedModel(ForwardModel):
         self.src = Path(src)
         self.device = torch.device(device)
         self.reporter = reporter
-        self.ckpt = open_checkpoint(self.src)
-        plan = plan_tensors(self.ckpt)
+        self._owns = ckpt is None if owns is None else owns
+        self.ckpt = ckpt if ckpt is not None else open_checkpoint(self.src)
+        plan = plan if plan is not None else plan_tensors(self.ckpt)
         paths = plan.architecture.spec.get("streamed_forward")
         if not paths:
-            self.ckpt.close()
+            self.close()
             raise BadInputError(f"architecture {plan.architecture.name} has no streamed forward description")
         self.paths: dict[str, str] = paths
         self.config = AutoConfig.from_pretrained(self.src)
@@ -180,7 +195,8 @@ class StreamedModel(ForwardModel):
         self.head_chunk = max(1, max(shape.largest_layer_params, 64 << 20) // int(self.config.hidden_size))
 
     def close(self) -> None:
-        self.ckpt.close()
+        if self._owns:
+            self.ckpt.close()
 
     # --- weights in and out -------------------------------------------------------------------
 
@@ -363,12 +379,28 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 @contextlib.contextmanager
 def open_forward(
-    src: Path, device: str = "cpu", mode: str = "auto", tokens: int = 512, reporter: Reporter = NULL
+    src: Path,
+    device: str = "cpu",
+    mode: str = "auto",
+    tokens: int = 512,
+    reporter: Reporter = NULL,
+    *,
+    ckpt: Checkpoint | None = None,
+    plan: TensorPlan | None = None,
 ) -> Iterator[tuple[ForwardModel, ForwardChoice]]:
-    """The forward model for a source folder, resident or streamed as ``choose`` decides."""
-    choice = choose(src, device, mode, tokens)
+    """The forward model for a source folder, resident or streamed as ``choose`` decides. A caller
+    that holds the checkpoint open passes it (``ckpt`` and its ``plan``): its headers are not read
+    again, neither for the choice nor for the streamed model."""
+    from release.checkpoint import plan_tensors
+
+    if ckpt is not None and plan is None:
+        plan = plan_tensors(ckpt)
+    choice = choose(src, device, mode, tokens, plan_shape(plan) if plan is not None else None)
     model: ForwardModel
-    model = ResidentModel(src, device) if choice.mode == "resident" else StreamedModel(src, device, reporter)
+    if choice.mode == "resident":
+        model = ResidentModel(src, device)
+    else:
+        model = StreamedModel(src, device, reporter, ckpt=ckpt, plan=plan)
     try:
         yield model, choice
     finally:

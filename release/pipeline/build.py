@@ -1,0 +1,125 @@
+"""``model-release build``: load the release file, plan, check that the plan fits, tidy what an
+earlier run left, run the steps through an executor, and sum up (the final table's rows)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from release.atomic import atomic_file
+from release.errors import BadInputError
+from release.formats.gguf_names import set_name, variant_files
+from release.pipeline.local import Executor, LocalExecutor
+from release.pipeline.plan import check_fits, plan_build
+from release.pipeline.records import STEPS_DIR, WORK_DIR, Records
+from release.pipeline.release_file import ReleaseFile, dist_copy, load_release_file
+from release.pipeline.schedule import run_plan
+from release.pipeline.steps import FAMILIES, Plan, Step, StepResult
+from release.resources import mem_available
+
+
+@dataclass
+class BuildResult:
+    release_dir: str
+    ok: bool
+    exit_code: int
+    steps: list[StepResult]
+    variants: list[dict[str, Any]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build(
+    release_file: Path,
+    dist_root: Path = Path("dist"),
+    *,
+    only: set[str] | None = None,
+    jobs: int = 1,
+    device: str = "auto",
+    key: Path | None = None,
+    verbose: bool = False,
+    executor: Executor | None = None,
+    on_event: Callable[[str, Step, StepResult | None], None] = lambda *_: None,
+) -> BuildResult:
+    """Run the plan (``executor``: local processes by default). ``verbose``: steps' stderr (library
+    warnings included) goes to the terminal instead of DIST/.work/logs/<step>.log."""
+    started = time.monotonic()
+    rf = load_release_file(release_file)  # bad keys and license violations fail here, before heavy work
+    if only is not None and (bad := only - set(FAMILIES)):
+        raise BadInputError(f"--only takes {', '.join(FAMILIES)}; not {', '.join(sorted(bad))}")
+    plan = plan_build(rf, dist_root, only=only, device=device, key=key)
+    check_fits(plan, Records(plan.dist) if (plan.dist / STEPS_DIR).is_dir() else None)
+    plan.dist.mkdir(parents=True, exist_ok=True)
+    logs = plan.dist / WORK_DIR / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    copy = plan.dist / "release.yaml"
+    body = dist_copy(rf)
+    if not copy.is_file() or copy.read_bytes() != body:
+        with atomic_file(copy, force=True) as tmp:
+            tmp.write_bytes(body)
+    _tidy(plan, rf)
+    results = run_plan(plan, Records(plan.dist), executor or LocalExecutor(verbose), logs=logs, jobs=jobs,
+                       budget=mem_available(), on_event=on_event)  # fmt: skip
+    ordered = [results[s.name] for s in plan.steps]
+    variants = _variant_rows(plan, results)
+    failed = [r for r in ordered if r.status == "failed"]
+    bad_validation = [v for v in variants if v.get("passed") is False]
+    code = max(2 if r.exit_code == 2 else 1 for r in failed) if failed else int(bool(bad_validation))
+    return BuildResult(str(plan.dist), code == 0, code, ordered, variants, round(time.monotonic() - started, 2))
+
+
+def _tidy(plan: Plan, rf: ReleaseFile) -> None:
+    """Remove what an interrupted run or a changed release file left: temporary folders of killed
+    steps, and variants the release file no longer asks for (with their records)."""
+    for p in list(plan.dist.rglob(".*")):
+        if (
+            ".partial-" in p.name
+            or p.name.startswith((".model-release-", ".gptq-offload-"))
+            or p.name.endswith(".restamp")
+        ):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    names = {s.name for s in plan.steps}
+    gguf_dir = plan.dist / f"{rf.name}-GGUF"
+    keep = {Path(v["path"]).name for v in plan.variants if v["family"] == "gguf"}
+    if gguf_dir.is_dir():
+        for f in list(gguf_dir.iterdir()):
+            logical = set_name(f.name)
+            if f.name.endswith(".gguf") and logical not in keep and f.exists():
+                stem = Path(logical).stem
+                for g in [*gguf_dir.glob(f"{stem}.*"), *gguf_dir.glob(f"{stem}-*-of-*.gguf")]:
+                    g.unlink(missing_ok=True)
+        if "imatrix" not in names:  # no longer collected (imatrix: none, or a given file)
+            (gguf_dir / f"{rf.name}.imatrix").unlink(missing_ok=True)
+    for rec in (plan.dist / STEPS_DIR).glob("*.json"):
+        if rec.stem not in names and (
+            rec.stem.startswith(("gguf-", "validate-gguf-")) or rec.stem in ("gptq", "validate-gptq", "imatrix")
+        ):
+            rec.unlink()
+            if rec.stem == "gptq":
+                shutil.rmtree(plan.dist / f"{rf.name}-GPTQ", ignore_errors=True)
+
+
+def _variant_rows(plan: Plan, results: dict[str, StepResult]) -> list[dict[str, Any]]:
+    rows = []
+    for v in plan.variants:
+        path = Path(v["path"])
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".gguf")) \
+            if path.is_dir() else sum(f.stat().st_size for f in variant_files(path))  # fmt: skip
+        r = results.get(v["validate"])
+        row: dict[str, Any] = {"variant": v["name"], "family": v["family"], "path": str(path), "bytes": size}
+        variants = (r.output.get("variants") or []) if r else []
+        if variants:
+            m = variants[0]
+            row |= {"kind": m.get("kind"), "kl_mean": m["metrics"].get("kl_mean"),
+                    "top1_agreement": m["metrics"].get("top1_agreement"), "passed": m.get("passed")}  # fmt: skip
+        rows.append(row)
+    return rows

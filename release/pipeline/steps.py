@@ -1,0 +1,65 @@
+"""What a step of a build is, and what running it gave: the vocabulary the planner, the scheduler
+and every executor share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from release.resources import Need
+
+FAMILIES = ("safetensors", "gguf", "gptq")
+
+
+@dataclass
+class Step:
+    name: str
+    family: str  # safetensors | gguf | gptq | release (card/manifest/sign) | reference
+    argv: list[str]
+    settings: dict[str, Any]
+    deps: list[str]
+    outputs: Callable[[], list[Path]]  # what the step wrote, listed after it ran
+    need: Need  # estimated peak RAM / GPU memory / disk, for the up-front fit check and --jobs
+    ok_codes: tuple[int, ...] = (0,)  # validate: 1 (a failed check) is a result, not a crash
+
+    @property
+    def memory(self) -> int:
+        return self.need.ram
+
+    def digest_argv(self) -> list[str]:
+        """The arguments that define the result: ``--forward`` (resident or streamed, chosen from
+        free memory) gives the same logits either way, so it does not make a step stale."""
+        out, skip = [], False
+        for a in self.argv[3:]:
+            if skip:
+                skip = False
+                continue
+            if a == "--forward":
+                skip = True
+                continue
+            out.append(a)
+        return out
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # done | skipped | failed | blocked
+    seconds: float = 0.0
+    exit_code: int = 0
+    output: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+    peak_rss_bytes: int = 0  # of the step's process (wait4), 0 when it did not run
+    log: str = ""  # its stderr, kept under DIST/.work/logs
+
+
+@dataclass
+class Plan:
+    """A build's steps in order, and the variants they make (name, family, path, producing step,
+    validating step)."""
+
+    dist: Path
+    steps: list[Step]
+    variants: list[dict[str, Any]]
