@@ -67,19 +67,24 @@ def _manifest(root: Path) -> dict[str, str]:
     }
 
 
+def intact(root: Path) -> bool:
+    """Whether the fixture at ``root`` holds exactly the files its record hashed: nothing changed,
+    missing or added (a report written beside its folder counts)."""
+    try:
+        recorded = json.loads((root / "fixture.json").read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return False
+    return _manifest(root) == recorded
+
+
 def smollm2(*, rebuild: bool = False, reporter: Reporter = NULL) -> Fixture:
     """Return the cached fixture, building (or rebuilding a damaged one) as needed."""
     spec = _spec()
     gguf_path = packaged_gguf()
     root = cache_root() / "fixtures" / f"smollm2-135m-instruct-{spec['sha256'][:12]}-v{spec['builder_version']}"
     fixture = Fixture(root, root / "hf", root / "bin", gguf_path)
-    record = root / "fixture.json"
-    if record.is_file() and not rebuild:
-        try:
-            recorded = json.loads(record.read_text())["files"]
-        except (json.JSONDecodeError, KeyError):
-            recorded = None
-        if recorded is not None and _manifest(root) == recorded:
+    if (root / "fixture.json").is_file() and not rebuild:
+        if intact(root):
             return fixture
         reporter.warn(f"fixture at {root} does not match its recorded hashes; rebuilding")
     reporter.start("building SmolLM2-135M fixture", None)

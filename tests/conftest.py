@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,7 +143,9 @@ def cli() -> Callable[..., Result]:
     return run
 
 
-def run_subprocess(*args: object, preexec: Callable[[], None] | None = None, **kw) -> subprocess.CompletedProcess:
+def run_subprocess(
+    *args: object, preexec: Callable[[], None] | None = None, timeout: float = 300, **kw
+) -> subprocess.CompletedProcess:
     """Run the installed CLI in a child process (for resource limits and real exit paths)."""
     code = "from release.cli import main; main()"
     env = {**os.environ, "COLUMNS": "200"}
@@ -149,17 +155,21 @@ def run_subprocess(*args: object, preexec: Callable[[], None] | None = None, **k
         text=True,
         preexec_fn=preexec,
         env=env,
-        timeout=300,
+        timeout=timeout,
         **kw,
     )
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct checkpoint (built once per machine, verified by hash)."""
+    """The real SmolLM2-135M-Instruct checkpoint (built once per machine, verified by hash). At the
+    end of the session it must still match its hashes: a test that writes into the cache (a report
+    beside the folder, say) would make every later build rebuild it."""
     from release import fixtures
 
-    return fixtures.smollm2()
+    fixture = fixtures.smollm2()
+    yield fixture
+    assert fixtures.intact(fixture.root), f"a test wrote into the cached SmolLM2 fixture at {fixture.root}"
 
 
 @pytest.fixture(scope="session")
@@ -172,15 +182,67 @@ def smollm2_reference(smollm2, tmp_path_factory):
     return load_reference(path)
 
 
-@pytest.fixture(scope="session")
-def smollm2_gptq(smollm2, tmp_path_factory):
-    """A GPTQ 4-bit variant of the real model (built-in calibration, 12 windows of 256 tokens)."""
-    from release.formats.gptq import GPTQSettings, quantize
-    from release.metadata import ReleaseMetadata
+DEMO = "SmolLM2-135M-Instruct-demo"  # the demo release's name (examples/smollm2-release.yaml)
 
-    meta = ReleaseMetadata(name="SmolLM2-135M-Instruct", version="1.0", license="apache-2.0")
+
+def demo_release_file(path: Path, **variants: object) -> Path:
+    """examples/smollm2-release.yaml on the cached fixture, unsigned, with these variants beside
+    the safetensors one."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "examples" / "smollm2-release.yaml").read_text())
+    data["source"] = {"fixture": "smollm2"}
+    data["variants"] = {"safetensors": {"dtype": "keep"}, **variants}
+    data.pop("signing")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@dataclass
+class Demo:
+    """A built release: its release file, ``dist`` (the -o folder), ``dir`` (DIST/<name>-<version>),
+    the build's JSON summary and stderr, and the signing key pair."""
+
+    rf: Path
+    base: Path
+    dist: Path
+    dir: Path
+    out: dict
+    stderr: str
+    seconds: float
+    priv: Path
+    pub: Path
+
+
+@pytest.fixture(scope="session")
+def demo_release(smollm2, tmp_path_factory) -> Demo:
+    """The SmolLM2 demo release with every variant family (safetensors; GGUF Q8_0 and Q4_K_M, the
+    latter with an importance matrix on 4 chunks; GPTQ 4-bit on 12 windows of 256 tokens), built
+    and signed once per session the way CI runs it: `build --jobs 2 --json --quiet` in a child
+    process. The pipeline, CI-output, Hub and GPTQ tests all read this one build (a full build is
+    the suite's most expensive thing); a test that changes anything works on a copy."""
+    from release.signing import keygen
+
+    base = tmp_path_factory.mktemp("demo")
+    rf = demo_release_file(base / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"], "imatrix_chunks": 4},
+                           gptq={"bits": 4, "samples": 12, "seq_len": 256})  # fmt: skip
+    priv, pub = keygen(base / "keys")
+    started = time.monotonic()
+    b = run_subprocess("build", rf, "-o", base / "dist", "--key", priv, "--jobs", 2, "--json", "--quiet", timeout=900)
+    seconds = time.monotonic() - started
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    out = json.loads(b.stdout)
+    return Demo(rf, base, base / "dist", Path(out["release_dir"]), out, b.stderr, seconds, priv, pub)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gptq(demo_release, tmp_path_factory) -> SimpleNamespace:
+    """The demo release's GPTQ 4-bit variant of the real model (built-in calibration, 12 windows of
+    256 tokens), copied out so that validating it writes no report into the release."""
+    rec = json.loads((demo_release.dir / ".steps" / "gptq.json").read_text())
     out = tmp_path_factory.mktemp("gptq") / "gptq"
-    return quantize(smollm2.hf, out, GPTQSettings(samples=12, seq_len=256), metadata=meta)
+    shutil.copytree(demo_release.dir / f"{DEMO}-GPTQ", out)
+    return SimpleNamespace(output=str(out), variant=rec["output"]["variant"])
 
 
 def leftovers(parent: Path) -> list[str]:

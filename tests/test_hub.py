@@ -17,38 +17,23 @@ from pathlib import Path
 import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
-from release.formats.gguf import write_gguf
-from release.formats.safetensors import convert
 from release.hub.server import HubServer
-from release.manifest import MANIFEST, SIGNATURE, write_manifests
-from release.signing import keygen, sign_folder
-from release.validation.validate import validate
-from tests.conftest import ROOT, leftovers
+from release.manifest import MANIFEST, SIGNATURE
+from tests.conftest import DEMO, ROOT, leftovers
 
 pytestmark = pytest.mark.real_model
 TOKEN = "hf_testTOKEN_d0n0tPr1nt_9f8e7d6c5b4a"
-REPO = "example/SmolLM2-135M-Instruct-demo"
+REPO = f"example/{DEMO}"
+GGUF = f"{DEMO}-GGUF"  # the GGUF folder
 
 
 @pytest.fixture(scope="module")
-def release(smollm2, smollm2_reference, smollm2_gptq, tmp_path_factory):
-    """RELEASE_DIR with release.yaml, model/GGUF/GPTQ folders, cards, manifests and signatures."""
-    base = tmp_path_factory.mktemp("release")
-    rel = base / "rel"
-    rel.mkdir()
-    shutil.copyfile(ROOT / "examples" / "smollm2-release.yaml", rel / "release.yaml")
-    convert(smollm2.hf, rel / "smollm2")
-    write_gguf(rel / "smollm2", rel / "gguf", ["Q8_0", "Q4_K_M"], name="SmolLM2-135M-Instruct")
-    shutil.copytree(smollm2_gptq.output, rel / "smollm2-gptq")
-    validate(sorted((rel / "gguf").glob("*.gguf")), smollm2_reference.path)
-    from release.cards import render_cards
-
-    render_cards(rel)
-    write_manifests(rel, reference=smollm2_reference.path)
-    priv, pub = keygen(base / "keys")
-    for folder in ("smollm2", "gguf", "smollm2-gptq"):
-        sign_folder(rel / folder, private_key=priv)
-    return {"dir": rel, "pub": pub, "priv": priv, "base": base}
+def release(demo_release, tmp_path_factory):
+    """The session's demo release (RELEASE_DIR with release.yaml; model, GGUF Q8_0 + Q4_K_M and
+    GPTQ folders, each validated, carded, with a manifest and a signature). Publishing reads it;
+    what a test forges goes under ``base``."""
+    d = demo_release
+    return {"dir": d.dir, "pub": d.pub, "priv": d.priv, "base": tmp_path_factory.mktemp("hub-release")}
 
 
 @pytest.fixture
@@ -80,7 +65,7 @@ def test_publish_real_release_then_again_uploads_nothing(cli, release, hub):
     r = _publish(cli, release, hub)
     assert r.exit_code == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
-    assert [p["repo_id"] for p in out["repos"]] == [f"{REPO}-GGUF", REPO, f"{REPO}-GPTQ"]
+    assert [p["repo_id"] for p in out["repos"]] == [REPO, f"{REPO}-GGUF", f"{REPO}-GPTQ"]  # by folder
     api = HfApi(endpoint=hub.url, token=TOKEN)
     for plan in out["repos"]:
         folder = Path(plan["folder"])
@@ -137,9 +122,12 @@ def test_publish_killed_half_way_resumes_without_reuploading(cli, release, hub):
     api = HfApi(endpoint=hub.url, token=TOKEN)
     first = hub.state.lfs_uploads
     assert first == 2
-    # Nothing was committed: the repository holds only its initial commit, no weights.
-    tree = [f.path for f in api.list_repo_tree(f"{REPO}-GGUF", recursive=True)]
+    # Nothing was committed: the repository being uploaded (the first, by folder) holds only its
+    # initial commit, no weights; the others were not reached.
+    tree = [f.path for f in api.list_repo_tree(REPO, recursive=True)]
     assert tree == [".gitattributes"]
+    for later in (f"{REPO}-GGUF", f"{REPO}-GPTQ"):
+        assert not api.repo_exists(later), later
 
     r = _publish(cli, release, hub)
     assert r.exit_code == 0, r.stdout + r.stderr
@@ -157,13 +145,13 @@ def test_fetch_one_variant_and_verify(cli, release, hub, tmp_path):
     assert r.exit_code == 0, r.stdout + r.stderr
     _no_token(r.stdout, r.stderr)
     res = json.loads(r.stdout)
-    manifest = json.loads((release["dir"] / "gguf" / MANIFEST).read_text())
+    manifest = json.loads((release["dir"] / GGUF / MANIFEST).read_text())
     expected = {f["path"] for f in manifest["files"] if f["variant"] in (None, "Q8_0")}
     got = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert got == expected | {MANIFEST, SIGNATURE}  # only what Q8_0 needs: no Q4_K_M file, no .cache
     assert not any("Q4_K_M" in p for p in got)
     for p in expected:
-        assert (out / p).read_bytes() == (release["dir"] / "gguf" / p).read_bytes()
+        assert (out / p).read_bytes() == (release["dir"] / GGUF / p).read_bytes()
     assert res["signature_checked"] and res["revalidated"]["passed"]
     assert res["revalidated"]["kl_mean"] == pytest.approx(manifest["variants"]["Q8_0"]["kl_mean"], rel=1e-3)
 
@@ -186,7 +174,7 @@ def test_fetch_refuses_a_tampered_repository(cli, release, hub, tmp_path):
     assert _publish(cli, release, hub).exit_code == 0
     api = HfApi(endpoint=hub.url, token=TOKEN)
     repo = f"{REPO}-GGUF"
-    gguf_name = "SmolLM2-135M-Instruct-Q8_0.gguf"
+    gguf_name = f"{DEMO}-Q8_0.gguf"
     # 1. One byte of a stored weight file changed on the server.
     sha = next(f.lfs.sha256 for f in api.list_repo_tree(repo, recursive=True) if f.path == gguf_name)
     blob = hub.state.root / "lfs" / sha
@@ -204,7 +192,7 @@ def test_fetch_refuses_a_tampered_repository(cli, release, hub, tmp_path):
     _fetch_refused(cli, hub, tmp_path, release, "missing from the repository: LICENSE")
     # 4. A weight file and the manifest changed consistently: only the signature can tell.
     folder = release["base"] / "forged"
-    shutil.copytree(release["dir"] / "gguf", folder)
+    shutil.copytree(release["dir"] / GGUF, folder)
     (folder / gguf_name).write_bytes(bytes(data))
     manifest = json.loads((folder / MANIFEST).read_text())
     from release.hashing import sha256_file
@@ -322,7 +310,7 @@ def test_base_install_fetches_and_verifies_without_torch_or_llama_cpp(cli, relea
     assert heavy == []
     res = json.loads(stdout)
     assert res["signature_checked"] and any(f.endswith("Q4_K_M.gguf") for f in res["files"])
-    code, heavy, stdout, stderr = _in_base(base_venv, "inspect", out / "SmolLM2-135M-Instruct-Q4_K_M.gguf", "--json")
+    code, heavy, stdout, stderr = _in_base(base_venv, "inspect", out / f"{DEMO}-Q4_K_M.gguf", "--json")
     assert code == 0 and heavy == [] and json.loads(stdout)["file_type"], stdout + stderr
 
     # --revalidate needs the validate extra: the hashes and the signature are still checked, the
@@ -335,13 +323,13 @@ def test_base_install_fetches_and_verifies_without_torch_or_llama_cpp(cli, relea
     assert code == 2 and len(errors) == 1, stderr
     assert "hashes and signature verified; not revalidated" in errors[0]
     assert "pip install 'model-release[validate]'" in errors[0] and "Traceback" not in stderr
-    assert (again / "SmolLM2-135M-Instruct-Q4_K_M.gguf").is_file()
+    assert (again / f"{DEMO}-Q4_K_M.gguf").is_file()
     code, _, _, stderr = _in_base(base_venv, "gguf", out, "-o", tmp_path / "g", "-t", "Q8_0")
     assert code == 2 and "pip install 'model-release[gguf]'" in stderr and "Traceback" not in stderr
 
     # A tampered file on the server is refused the same way as with the full install.
     api = HfApi(endpoint=hub.url, token=TOKEN)
-    name = "SmolLM2-135M-Instruct-Q4_K_M.gguf"
+    name = f"{DEMO}-Q4_K_M.gguf"
     sha = next(f.lfs.sha256 for f in api.list_repo_tree(repo, revision="v1.0", recursive=True) if f.path == name)
     blob = hub.state.root / "lfs" / sha
     data = bytearray(blob.read_bytes())

@@ -17,19 +17,10 @@ import pytest
 import yaml
 
 from release.pipeline import STEPS_DIR
-from release.signing import keygen
-from tests.conftest import ROOT
+from tests.conftest import DEMO, ROOT
+from tests.conftest import demo_release_file as _release_file
 
-NAME = "SmolLM2-135M-Instruct-demo"
-
-
-def _release_file(path: Path, **variants: object) -> Path:
-    data = yaml.safe_load((ROOT / "examples" / "smollm2-release.yaml").read_text())
-    data["source"] = {"fixture": "smollm2"}
-    data["variants"] = {"safetensors": {"dtype": "keep"}, **variants}
-    data.pop("signing")
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+NAME = DEMO
 
 
 def _records(dist: Path) -> dict[str, dict]:
@@ -41,24 +32,11 @@ def _build(cli, release: Path, out: Path, *extra: object):
     return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
 
 
-@pytest.fixture(scope="module")
-def full(smollm2, tmp_path_factory):
-    """The SmolLM2 release with every variant family, built once with two parallel jobs."""
-    base = tmp_path_factory.mktemp("pipeline")
-    rf = _release_file(base / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"]},
-                       gptq={"bits": 4, "samples": 8, "seq_len": 128})  # fmt: skip
-    priv, pub = keygen(base / "keys")
-    from typer.testing import CliRunner
-
-    from release.cli import app
-
-    started = time.monotonic()
-    r = CliRunner().invoke(
-        app, ["build", str(rf), "-o", str(base / "dist"), "--key", str(priv), "--jobs", "2", "--json"]
-    )
-    seconds = time.monotonic() - started
-    assert r.exit_code == 0, r.stdout + r.stderr
-    return {"rf": rf, "base": base, "out": json.loads(r.stdout), "pub": pub, "priv": priv, "seconds": seconds}
+@pytest.fixture
+def full(demo_release):
+    """The session's demo release: every variant family, built once with two parallel jobs."""
+    d = demo_release
+    return {"rf": d.rf, "base": d.base, "out": d.out, "pub": d.pub, "priv": d.priv, "seconds": d.seconds}
 
 
 @pytest.mark.real_model
@@ -91,7 +69,7 @@ def test_builds_the_whole_release(full, cli):
     card = (dist / f"{NAME}-GGUF" / "README.md").read_text()
     q4_row = next(line for line in card.splitlines() if line.startswith(f"| {NAME}-Q4_K_M.gguf"))
     q8_row = next(line for line in card.splitlines() if line.startswith(f"| {NAME}-Q8_0.gguf"))
-    assert q4_row.endswith("| yes: default.jsonl, 10 chunks |") and q8_row.endswith("| no |")
+    assert q4_row.endswith("| yes: default.jsonl, 4 chunks |") and q8_row.endswith("| no |")
     assert "## Which file should I choose?" in card and "![Per-token KL of every file](kl-comparison.png)" in card
     assert "kl-comparison.png" in files
     for f in folders:
@@ -116,9 +94,14 @@ def test_rerun_after_success_does_nothing(full, cli):
 
 @pytest.mark.real_model
 def test_killed_during_gguf_resumes_to_the_same_outputs(full, cli, tmp_path):
-    rf = _release_file(tmp_path / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"]})
+    # The importance matrix is the full build's, given as a file (no imatrix step here): Q4_K_M
+    # must then come out byte for byte as in the uninterrupted build.
+    full_dist = Path(full["out"]["release_dir"])
+    imatrix = full_dist / f"{NAME}-GGUF" / f"{NAME}.imatrix"
+    rf = _release_file(tmp_path / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"], "imatrix": str(imatrix)})
     out = tmp_path / "dist"
     dist = out / f"{NAME}-1.0"
+    # One job until the kill: the reference is done by then, as in a long build killed at its GGUF steps.
     cmd = [sys.executable, "-m", "release.cli", "build", str(rf), "-o", str(out), "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     gguf_dir = dist / f"{NAME}-GGUF"
@@ -133,21 +116,20 @@ def test_killed_during_gguf_resumes_to_the_same_outputs(full, cli, tmp_path):
     assert "convert" in done_before and not any(s.startswith("gguf-") for s in done_before)
     assert not list(gguf_dir.glob("*.gguf"))  # nothing finished-looking was left
 
-    r, res = _build(cli, rf, out)
+    r, res = _build(cli, rf, out, "--jobs", 2)
     assert r.exit_code == 0, r.stdout + r.stderr
     status = {s["name"]: s["status"] for s in res["steps"]}
     assert all(status[s] == "skipped" for s in done_before)  # finished steps are not redone
     assert status["gguf-Q8_0"] == status["gguf-Q4_K_M"] == "done"
     assert not any(p.name.startswith(".") and p.is_dir() for p in gguf_dir.iterdir())
     # Same bytes as the uninterrupted build: weights, configs, tokenizer.
-    full_dist = Path(full["out"]["release_dir"])
     for rel in (f"{NAME}-GGUF/{NAME}-Q8_0.gguf", f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}/model.safetensors",
                 f"{NAME}/config.json", f"{NAME}/tokenizer.json", ".work/reference.safetensors"):  # fmt: skip
         assert (dist / rel).read_bytes() == (full_dist / rel).read_bytes(), rel
 
     # One GGUF type changed: only that file and what depends on it are rebuilt; the dropped one goes.
     rf.write_text(rf.read_text().replace("- Q4_K_M", "- Q6_K"))
-    r, res = _build(cli, rf, out)
+    r, res = _build(cli, rf, out, "--jobs", 2)
     assert r.exit_code == 0, r.stdout + r.stderr
     ran = {s["name"] for s in res["steps"] if s["status"] == "done"}
     assert ran == {"gguf-Q6_K", "validate-gguf-Q6_K", "card", "manifest"}
@@ -158,12 +140,15 @@ def test_killed_during_gguf_resumes_to_the_same_outputs(full, cli, tmp_path):
     # A variant off its (here deliberately strict) threshold fails the release: exit 1, no new
     # cards or manifests, and the table names it.
     data = yaml.safe_load(rf.read_text())
-    data["evaluation"] = {"thresholds": {"gguf-Q6_K": {"max_kl_mean": 1e-6}}}
+    data["evaluation"]["thresholds"] = {"gguf-Q6_K": {"max_kl_mean": 1e-6}}  # max_tokens kept
     rf.write_text(yaml.safe_dump(data, sort_keys=False))
     r, res = _build(cli, rf, out)
     assert r.exit_code == 1 and not res["ok"]
     status = {s["name"]: s["status"] for s in res["steps"]}
     assert status["validate-gguf-Q6_K"] == "done" and status["card"] == status["manifest"] == "blocked"
+    # A threshold is an input of its variant's validation only: the reference and the other
+    # validations are not redone.
+    assert status["reference"] == status["validate-gguf-Q8_0"] == status["validate-safetensors"] == "skipped"
     failed = [v for v in res["variants"] if v["passed"] is False]
     assert [v["variant"] for v in failed] == ["Q6_K"]
 
@@ -211,8 +196,9 @@ def test_only_one_family_plans_no_release_steps(smollm2, cli, tmp_path):
 
 @pytest.mark.real_model
 def test_imatrix_setting_plans_a_collecting_step_a_given_file_or_none(smollm2, tmp_path):
-    """variants.gguf.imatrix: auto (a step the k-quants depend on; Q8_0 does not), a given file (no
-    step; its path and fingerprint go to the k-quant steps), none; a missing file is refused with its line."""
+    """variants.gguf.imatrix: auto (a step the k-quants depend on; Q8_0 does not; imatrix_chunks
+    limits its chunks), a given file (no step; its path and fingerprint go to the k-quant steps),
+    none; a missing file is refused with its line."""
     from release.errors import BadInputError
     from release.pipeline import load_release_file, plan_build
 
@@ -225,6 +211,10 @@ def test_imatrix_setting_plans_a_collecting_step_a_given_file_or_none(smollm2, t
     assert auto["imatrix"].argv[3:5] == ["imatrix", str(smollm2.hf)] and im_file in auto["imatrix"].argv
     assert "imatrix" in auto["gguf-Q4_K_M"].deps and "imatrix" not in auto["gguf-Q8_0"].deps
     assert auto["gguf-Q4_K_M"].argv[-2:] == ["--imatrix", im_file] and "--imatrix" not in auto["gguf-Q8_0"].argv
+
+    chunked = plan(imatrix_chunks=4)  # llama.cpp's --chunks: the first 4 chunks of the text
+    assert chunked["imatrix"].argv[-2:] == ["--chunks", "4"] and "--chunks" not in auto["imatrix"].argv
+    assert chunked["imatrix"].settings != auto["imatrix"].settings  # another count collects again
 
     given = tmp_path / "mine.imatrix"
     given.write_bytes(b"imatrix bytes")

@@ -111,9 +111,19 @@ def _convert_and_reference(ctx: _Context) -> list[Step]:
     return [
         Step("convert", "safetensors", convert, {"source": ctx.source_fp, "cfg": st, "meta": meta}, [],
              lambda: [main], res.convert_need(shape, _itemsize(dtype, shape))),
-        Step("reference", "reference", reference, {"source": ctx.source_fp, "eval": evaluation}, [],
-             lambda: [ref], ctx.forward_need),
+        Step("reference", "reference", reference, _reference_settings(ctx), [], lambda: [ref], ctx.forward_need),
     ]  # fmt: skip
+
+
+def _reference_settings(ctx: _Context) -> dict[str, Any]:
+    """What the reference logits depend on: the source, the prompts file (its size and mtime, not only its
+    path) and the token cap. Not the thresholds: changing one variant's threshold reruns that
+    variant's validation, not the reference and with it every validation."""
+    evaluation = ctx.rf.section("evaluation")
+    settings: dict[str, Any] = {"source": ctx.source_fp, "max_tokens": evaluation.get("max_tokens")}
+    if evaluation.get("prompts"):
+        settings["prompts"] = fingerprint([ctx.rf.relative(evaluation["prompts"])])
+    return settings
 
 
 def _gguf(ctx: _Context, steps: list[Step], variants: list[dict[str, Any]]) -> None:
@@ -171,6 +181,9 @@ def _imatrix_plan(
     if calibration:
         args += ["--calibration", str(rf.relative(calibration))]
         settings["calibration"] = fingerprint([rf.relative(calibration)])
+    if (chunks := gg.get("imatrix_chunks")) is not None:
+        args += ["--chunks", str(chunks)]
+        settings["chunks"] = chunks
     return settings, Step("imatrix", "gguf", args, settings, [], lambda: [out], ctx.forward_need)
 
 
