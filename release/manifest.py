@@ -139,8 +139,8 @@ def write_manifest(
     for p in listed:
         rel = p.relative_to(folder).as_posix()
         if kind == "gguf":
-            name = set_name(p.name)
-            variant = next((t for stem, t in stems.items() if name.startswith(f"{stem}.")), None)
+            logical_name = set_name(p.name)  # not ``name``: that is the release's, written below
+            variant = next((t for stem, t in stems.items() if logical_name.startswith(f"{stem}.")), None)
         else:
             variant = None if rel in _DOCS or rel.startswith("validation") else next(iter(variants))
         fmt = "other" if p.name in ("LICENSE", "NOTICE") else _FORMATS.get(p.suffix, "other")

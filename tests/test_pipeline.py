@@ -75,6 +75,7 @@ def test_builds_the_whole_release(full, cli):
     for f in folders:
         manifest = json.loads((dist / f / "release-manifest.json").read_text())
         assert all(v and v["passed"] for v in manifest["variants"].values())
+        assert manifest["name"] == NAME, f  # the GGUF folder's once said reference-logits.safetensors
         assert (dist / f / "README.md").is_file() and (dist / f / "release.sig").is_file()
     r = cli("verify", dist, "--public-key", full["pub"])
     assert r.exit_code == 0, r.stdout + r.stderr
