@@ -203,9 +203,52 @@ def test_fetch_refuses_a_tampered_repository(cli, release, hub, tmp_path):
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     ops = [CommitOperationAdd(p, str(folder / p)) for p in (gguf_name, MANIFEST, "LICENSE")]
     api.create_commit(repo, ops, commit_message="forged")
-    r = cli("fetch", repo, "--variant", "Q8_0", "-o", tmp_path / "ok", "--endpoint", hub.url)
+    r = cli("fetch", repo, "--variant", "Q8_0", "-o", tmp_path / "ok", "--endpoint", hub.url, "--revalidate")
     assert r.exit_code == 0  # hashes agree with the (forged) manifest...
+    assert "verified" not in r.stdout and "server's own manifest only (unsigned)" in r.stdout  # ...proving nothing
+    assert "checked only against the server's own manifest" in r.stderr
     _fetch_refused(cli, hub, tmp_path, release, "signature check failed", key=True)  # ...the signature does not
+
+
+def test_fetch_refuses_a_substituted_or_rolled_back_release(cli, release, hub, tmp_path):
+    """The signed release of REPO served as another repository, or at an older-looking tag: the
+    signature is genuine, the identity is not what the user asked for."""
+    r = cli("publish", release["dir"], "--endpoint", hub.url, "--repo", "example/other", "--tag", "v0.1-old")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    other = "example/other-GGUF"
+    key = ["--public-key", release["pub"], "--endpoint", hub.url]
+    for revision, extra, needles in [
+        ("main", [], [f"says it is {REPO}-GGUF (version 1.0), not {other}", "--mirror"]),
+        ("v0.1-old", ["--mirror"], ["says it is version 1.0, not v0.1-old"]),
+    ]:
+        out = tmp_path / "fetched"
+        r = cli("fetch", other, "--variant", "Q8_0", "--revision", revision, "-o", out, *key, *extra)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.exit_code == 1 and len(errors) == 1, r.stderr
+        assert all(n in errors[0] for n in needles), errors[0]
+        assert not out.exists() and not leftovers(tmp_path)
+    r = cli("fetch", other, "--variant", "Q8_0", "-o", tmp_path / "m", *key, "--mirror", "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["signature_checked"] and any(f"the release is {REPO}-GGUF version 1.0" in w for w in res["warnings"])
+
+
+def test_fetch_reads_no_reference_outside_the_download(cli, release, hub, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copyfile(release["dir"] / GGUF / "reference-logits.safetensors", outside)
+    folder = release["base"] / "abs-reference"
+    shutil.copytree(release["dir"] / GGUF, folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["reference"]["path"] = str(outside)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo(f"{REPO}-GGUF")
+    api.upload_folder(repo_id=f"{REPO}-GGUF", folder_path=folder, commit_message="absolute reference")
+    out = tmp_path / "q8"
+    r = cli("fetch", f"{REPO}-GGUF", "--variant", "Q8_0", "-o", out, "--endpoint", hub.url, "--revalidate")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 1 and len(errors) == 1 and "reference path" in errors[0], r.stdout + r.stderr
+    assert not out.exists()
 
 
 def test_wrong_token_fails_without_printing_it(cli, release, hub, monkeypatch):

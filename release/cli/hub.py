@@ -103,12 +103,18 @@ def fetch_command(
     ),
     endpoint: str | None = typer.Option(None, "--endpoint", help=ENDPOINT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    mirror: bool = typer.Option(
+        False, "--mirror", help="Accept a release whose manifest names another repository (a mirror you trust)."
+    ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Download one variant (plus the manifest, signature and shared files), check every file's
     sha256 against the manifest, refuse a repository with files changed, added or removed, and with
-    --public-key check the OpenSSF signature. Nothing is left at OUT unless all checks pass.
+    --public-key check the OpenSSF signature. The manifest must name the repository asked for and,
+    for a version tag such as v1.0, that version (no substitution, no rollback). Without
+    --public-key the files are only checked against the server's own manifest. Nothing is left at
+    OUT unless all checks pass.
     Exit codes: 0 verified, 1 a check failed, 2 bad input (unknown variant, ...)."""
     from release.hub.client import fetch
 
@@ -123,6 +129,7 @@ def fetch_command(
             revalidate=revalidate,
             endpoint=endpoint,
             force=force,
+            mirror=mirror,
             reporter=rep,
         ),
         as_json=as_json,
@@ -136,9 +143,10 @@ def fetch_command(
     if result.revalidated:
         r = result.revalidated
         checks.append(f"logits (mean KL {r['kl_mean']:.3g}, top-1 {r['top1_agreement']:.3f})")
+    said = "verified" if result.signature_checked else "checked against the server's own manifest only (unsigned)"
     stdout.print(
         f"{repo_id}@{result.commit[:12]} {variant}: {len(result.files)} files, {human_bytes(result.bytes)} -> "
-        f"{result.output}; verified: {', '.join(checks)}",
+        f"{result.output}; {said}: {', '.join(checks)}",
         highlight=False,
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -300,6 +301,7 @@ def fetch(
     endpoint: str | None = None,
     token: str | None = None,
     force: bool = False,
+    mirror: bool = False,
     reporter: Reporter = NULL,
 ) -> FetchResult:
     """Download one variant (and what every variant needs) into OUT, checked against the manifest
@@ -322,6 +324,7 @@ def fetch(
             hf_hub_download(repo_id, MANIFEST, revision=commit, local_dir=tmp, endpoint=url, token=token)
         with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
             manifest = load_manifest(tmp / MANIFEST)
+        _check_identity(manifest, repo_id, revision, mirror, warnings)
         if variant not in manifest["variants"]:
             raise BadInputError(
                 f"{repo_id} has no variant {variant!r}", hint=f"variants: {', '.join(sorted(manifest['variants']))}"
@@ -354,8 +357,12 @@ def fetch(
                 digests = {p: listed[p]["sha256"] for p in needed} | {MANIFEST: sha256_file(tmp / MANIFEST)}
                 verify_subset(tmp, public_key, digests)  # the manifest itself must be signed as it is
                 signature_checked = True
-        if public_key is None and SIGNATURE in remote:
-            warnings.append("the release is signed but no --public-key was given: the signature was not checked")
+        if public_key is None:  # whoever controls the server also controls the manifest
+            warnings.append(
+                "the release is signed but no --public-key was given: the files were checked only against the "
+                "server's own manifest" if SIGNATURE in remote else
+                "the release is not signed: the files were checked only against the server's own manifest"
+            )  # fmt: skip
         revalidated, missing = None, None
         if revalidate:
             try:
@@ -365,13 +372,36 @@ def fetch(
                 if missing is None:
                     raise
     if missing is not None:
-        checked = "hashes and signature" if signature_checked else "hashes"
+        checked = "hashes and signature verified" if signature_checked else UNSIGNED
         raise MissingExtraError(
-            f"{out}: fetched, {checked} verified; not revalidated: {missing.message}",
+            f"{out}: fetched, {checked}; not revalidated: {missing.message}",
             hint="run without --revalidate, or install the extra and run again",
         )
     return FetchResult(repo_id, variant, revision, commit, str(out), needed, total, True, signature_checked,
                        revalidated, warnings, round(time.monotonic() - started, 2))  # fmt: skip
+
+
+UNSIGNED = "unsigned: checked only against the server's own manifest, not proven"
+_VERSION_TAG = re.compile(r"^v?\d")
+
+
+def _check_identity(manifest: dict[str, Any], repo_id: str, revision: str, mirror: bool, warnings: list[str]) -> None:
+    """Refuse a release served as something it is not: a signed manifest of repository A served as B
+    (substitution), or version 0.1 served at the tag the user asked for as v1.0 (rollback). The
+    signature, checked later, proves the manifest; this proves it is the one the user asked for."""
+    said, version = manifest["repo_id"], manifest.get("version")
+    if said != repo_id:
+        if not mirror:
+            raise CheckFailedError(
+                f"{repo_id}@{revision}: the release says it is {said} (version {version}), not {repo_id}; "
+                "refusing a substituted repository (pass --mirror if you trust this mirror of it)"
+            )
+        warnings.append(f"{repo_id} is a mirror: the release is {said} version {version}")
+    if _VERSION_TAG.match(revision) and version is not None and revision.removeprefix("v") != version.removeprefix("v"):
+        raise CheckFailedError(
+            f"{repo_id}@{revision}: the release says it is version {version}, not {revision}; "
+            "refusing a rolled-back or relabelled release"
+        )
 
 
 @contextlib.contextmanager
@@ -393,6 +423,10 @@ def _revalidate(folder: Path, manifest: dict[str, Any], variant: str, files: lis
     ref = manifest.get("reference")
     if not ref:
         raise BadInputError(f"{manifest['repo_id']}: the release published no reference logits to revalidate against")
+    if ref["path"] not in files:  # only a listed, path-checked, hash-checked file of this download is read
+        raise CheckFailedError(
+            f"{manifest['repo_id']}: the manifest's reference path {ref['path']!r} is not one of the files fetched"
+        )
     target = folder / next(p for p in files if p.endswith(".gguf")) if manifest["kind"] == "gguf" else folder
     result = validate([target], folder / ref["path"], write=False, reporter=reporter)
     v = result.variants[0]
