@@ -233,6 +233,19 @@ def test_fetch_refuses_a_substituted_or_rolled_back_release(cli, release, hub, t
     assert res["signature_checked"] and any(f"the release is {REPO}-GGUF version 1.0" in w for w in res["warnings"])
 
 
+def test_a_commit_is_not_taken_for_a_version_tag():
+    """`--revision` may be a commit: one whose sha starts with a digit names no version."""
+    from release.errors import CheckFailedError
+    from release.hub.client import _check_identity
+
+    manifest, commit = {"repo_id": "org/m-GGUF", "version": "1.0"}, "3f2a9b1c" + "0" * 32
+    for revision in ("main", "v1.0", "1.0", commit, commit[:7]):
+        _check_identity(manifest, "org/m-GGUF", revision, commit, False, [])
+    for revision in ("v0.1-old", "0.9", "v2", "3"):  # "3" is too short to be taken for the commit 3f2a...
+        with pytest.raises(CheckFailedError, match=r"says it is version 1\.0"):
+            _check_identity(manifest, "org/m-GGUF", revision, commit, False, [])
+
+
 def test_fetch_reads_no_reference_outside_the_download(cli, release, hub, tmp_path):
     outside = tmp_path / "elsewhere.safetensors"
     shutil.copyfile(release["dir"] / GGUF / "reference-logits.safetensors", outside)

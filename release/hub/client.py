@@ -290,6 +290,11 @@ class FetchResult:
         return {"ok": True, **asdict(self)}
 
 
+SERVER_ONLY = "checked only against the server's own manifest"  # what a fetch without a checked signature proves
+UNSIGNED = f"unsigned: {SERVER_ONLY}, not proven"
+_VERSION_TAG = re.compile(r"^v?\d+(\.\d+)*([-+].*)?$")  # v1.0, 1.0, v2, v0.1-old; not a commit sha
+
+
 def fetch(
     repo_id: str,
     variant: str,
@@ -324,7 +329,7 @@ def fetch(
             hf_hub_download(repo_id, MANIFEST, revision=commit, local_dir=tmp, endpoint=url, token=token)
         with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
             manifest = load_manifest(tmp / MANIFEST)
-        _check_identity(manifest, repo_id, revision, mirror, warnings)
+        _check_identity(manifest, repo_id, revision, commit, mirror, warnings)
         if variant not in manifest["variants"]:
             raise BadInputError(
                 f"{repo_id} has no variant {variant!r}", hint=f"variants: {', '.join(sorted(manifest['variants']))}"
@@ -358,11 +363,9 @@ def fetch(
                 verify_subset(tmp, public_key, digests)  # the manifest itself must be signed as it is
                 signature_checked = True
         if public_key is None:  # whoever controls the server also controls the manifest
-            warnings.append(
-                "the release is signed but no --public-key was given: the files were checked only against the "
-                "server's own manifest" if SIGNATURE in remote else
-                "the release is not signed: the files were checked only against the server's own manifest"
-            )  # fmt: skip
+            signed = SIGNATURE in remote
+            why = "the release is signed but no --public-key was given" if signed else "the release is not signed"
+            warnings.append(f"{why}: the files were {SERVER_ONLY}")
         revalidated, missing = None, None
         if revalidate:
             try:
@@ -381,14 +384,13 @@ def fetch(
                        revalidated, warnings, round(time.monotonic() - started, 2))  # fmt: skip
 
 
-UNSIGNED = "unsigned: checked only against the server's own manifest, not proven"
-_VERSION_TAG = re.compile(r"^v?\d")
-
-
-def _check_identity(manifest: dict[str, Any], repo_id: str, revision: str, mirror: bool, warnings: list[str]) -> None:
+def _check_identity(
+    manifest: dict[str, Any], repo_id: str, revision: str, commit: str, mirror: bool, warnings: list[str]
+) -> None:
     """Refuse a release served as something it is not: a signed manifest of repository A served as B
     (substitution), or version 0.1 served at the tag the user asked for as v1.0 (rollback). The
-    signature, checked later, proves the manifest; this proves it is the one the user asked for."""
+    signature, checked later, proves the manifest; this proves it is the one the user asked for.
+    A revision that is the commit itself (full or abbreviated) names no version and is not compared."""
     said, version = manifest["repo_id"], manifest.get("version")
     if said != repo_id:
         if not mirror:
@@ -397,7 +399,9 @@ def _check_identity(manifest: dict[str, Any], repo_id: str, revision: str, mirro
                 "refusing a substituted repository (pass --mirror if you trust this mirror of it)"
             )
         warnings.append(f"{repo_id} is a mirror: the release is {said} version {version}")
-    if _VERSION_TAG.match(revision) and version is not None and revision.removeprefix("v") != version.removeprefix("v"):
+    by_commit = len(revision) >= 7 and commit.startswith(revision.lower())  # git abbreviates to 7 or more
+    tagged = _VERSION_TAG.match(revision) and not by_commit and version is not None
+    if tagged and revision.removeprefix("v") != version.removeprefix("v"):
         raise CheckFailedError(
             f"{repo_id}@{revision}: the release says it is version {version}, not {revision}; "
             "refusing a rolled-back or relabelled release"
