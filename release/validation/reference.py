@@ -11,7 +11,8 @@ of the actual next token is kept too, for perplexity. 1200 tokens at k=64 take 0
 The file is one safetensors file: tensors ``input_ids`` (int32, all prompts concatenated),
 ``offsets`` (int64, prompt boundaries), ``topk_ids`` (int32 [N, k]), ``topk_logprobs`` (float32
 [N, k]), ``target_logprobs`` (float32 [N]) for the N = sum(len - 1) predicted positions; and
-``__metadata__`` with the source checkpoint hash, tokenizer hash, prompt-set hash and sizes.
+``__metadata__`` with the source checkpoint hash, tokenizer hash, prompt-set hash and sizes, and
+the tokenizer check's probes with the source tokenizer's ids (``release.validation.tokenizer``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from release.formats.safetensors import save_small
 from release.forward import open_forward
 from release.inspect import describe_open
 from release.progress import NULL, Reporter
+from release.validation import tokenizer as tokenizer_check
 
 FORMAT = "model-release-reference"
 FORMAT_VERSION = "1"
@@ -87,13 +89,20 @@ def tokenizer_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _encode(src: Path, prompts: list[Prompt], max_tokens: int) -> list[list[int]]:
-    """The prompts' token ids by the source's own tokenizer, each cut to ``max_tokens``."""
+def source_tokenizer(src: Path) -> Any:
+    """The source's own tokenizer, as transformers loads it (what the source's users run)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs would interleave
-    tok = AutoTokenizer.from_pretrained(src)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{src}: transformers cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def _encode(tok: Any, prompts: list[Prompt], max_tokens: int) -> list[list[int]]:
+    """The prompts' token ids by the source's own tokenizer, each cut to ``max_tokens``."""
     encoded = []
     for p in prompts:
         ids = list(tok.encode(p.text))[:max_tokens]
@@ -119,6 +128,8 @@ class ReferenceResult:
     forward: str = "resident"
     device: str = "cpu"
     forward_reason: str = ""
+    tokenizer_probes: int = 0
+    probes_skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}
@@ -148,7 +159,9 @@ def build_reference(
         plan = plan_tensors(ckpt)
         described = describe_open(ckpt, src, with_hash=True, reporter=reporter, plan=plan)
         source_hash = described["checkpoint_hash"]
-        encoded = _encode(src, prompts, max_tokens)
+        tok = source_tokenizer(src)
+        encoded = _encode(tok, prompts, max_tokens)
+        probes, skipped = tokenizer_check.source_probes(tok)
         offsets = [0]
         topk_ids, topk_lp, target_lp, rest = [], [], [], []
         with open_forward(src, device, forward, max(map(len, encoded)), reporter, ckpt=ckpt, plan=plan) as (
@@ -204,6 +217,9 @@ def build_reference(
         "max_tokens": str(max_tokens),
         "perplexity": repr(ppl),
         "mean_rest_mass": repr(mean_rest),
+        "tokenizer_probes": tokenizer_check.dump(probes),
+        "tokenizer_added_ids": json.dumps(tokenizer_check.added_ids(tok)),
+        "chat_template_sha256": tokenizer_check.template_hash(tokenizer_check.chat_template_of(tok)),
     }
     with atomic_file(Path(out), force=force) as tmp:
         save_small(tensors, tmp, meta)
@@ -222,6 +238,8 @@ def build_reference(
         forward=choice.mode,
         device=device,
         forward_reason=choice.reason,
+        tokenizer_probes=len(probes),
+        probes_skipped=skipped,
     )
 
 

@@ -25,4 +25,6 @@ class VariantResult:
     kl_quantiles: dict[str, float] = field(default_factory=dict)
     # How the file says it was quantized: llama.cpp's quantize.imatrix.* keys (file, dataset, chunks_count ...)
     quantization: dict[str, str] = field(default_factory=dict)
+    # The tokenizer check: probes tokenized as the source does, mismatched ones, the chat template.
+    tokenizer: dict[str, object] = field(default_factory=dict)
     reports: dict[str, str] = field(default_factory=dict)

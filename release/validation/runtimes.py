@@ -7,6 +7,7 @@ token ids) and returns next-token logits for a list of ids, one prompt at a time
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,17 @@ class Runtime:
 
     def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def tokenize_probe(self, text: str, *, chat: bool) -> list[int]:
+        """Ids as the runtime's users get them: a prompt (BOS as configured, added tokens parsed),
+        or a rendered chat (special tokens parsed, nothing added)."""
+        raise NotImplementedError
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each token's text, to name a difference."""
+        raise NotImplementedError
+
+    chat_template = ""
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """[len(ids), vocab] float logits; row t predicts token t+1."""
@@ -114,6 +126,9 @@ class TransformersRuntime(Runtime):
                     self.fwd = StreamedModel(path, device, ckpt=ckpt, plan=plan, owns=True)
         self.device = device
         self.vocab_size = self.fwd.vocab_size
+        from release.validation.tokenizer import chat_template_of
+
+        self.chat_template = chat_template_of(self.tok)
         from release.safetensors_header import folder_metadata
 
         meta = folder_metadata(path)
@@ -121,6 +136,12 @@ class TransformersRuntime(Runtime):
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok.encode(text))
+
+    def tokenize_probe(self, text: str, *, chat: bool) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=not chat))
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.tok.decode([i]) for i in ids]
 
     def logits_many(self, prompts: list[list[int]]) -> Iterator[torch.Tensor]:
         # stdout is captured while each prompt runs, never across a yield: a consumer that stops
@@ -174,9 +195,13 @@ class LlamaCppRuntime(Runtime):
         except ImportError:
             raise BadInputError("GGUF variants run in llama.cpp: pip install 'model-release[validate]'") from None
         try:
-            self.llm = Llama(
-                model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, n_batch=512
-            )
+            # llama-cpp-python prints llama.cpp's level-0 log lines even when not verbose (its
+            # callback compares the wrong level): "using full-size SWA cache" on every Gemma file
+            # would precede our one error line. The exception says what went wrong.
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.llm = Llama(
+                    model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, n_batch=512
+                )
         except (ValueError, RuntimeError) as exc:
             raise BadInputError(f"{path}: llama.cpp cannot load it ({exc})") from None
         self.vocab_size = int(self.llm.n_vocab())
@@ -187,10 +212,19 @@ class LlamaCppRuntime(Runtime):
             if k in ("model_release.source_checkpoint_hash", "model_release.origin_checkpoint_hash")
         )
         self.file_type = meta.get("general.file_type")
+        self.chat_template = str(meta.get("tokenizer.chat_template", ""))
         self.quantization = {k.removeprefix("quantize."): v for k, v in meta.items() if k.startswith("quantize.")}
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    def tokenize_probe(self, text: str, *, chat: bool) -> list[int]:
+        # special=True is how llama-server and llama-cli tokenize a rendered chat; transformers
+        # always parses added tokens, so plain texts are compared the same way.
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=True))
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.llm.detokenize([i], special=True).decode("utf-8", errors="replace") for i in ids]
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         self.llm.reset()

@@ -15,6 +15,7 @@ from release.datafiles import data_file
 from release.errors import BadInputError, CheckFailedError
 from release.progress import NULL, Reporter
 from release.resources import rss_anon
+from release.validation import tokenizer as tokenizer_check
 from release.validation.metrics import Accumulator, compare_prompt
 from release.validation.reference import Reference, load_prompts, load_reference
 from release.validation.report import write_reports
@@ -124,6 +125,7 @@ def validate(
         try:
             _check_same_model(path, rt, ref, warnings)
             _check_tokenizer(path, rt, ref, prompts_file)
+            tokenizer_failures, tokenizer_summary = tokenizer_check.check(rt, ref.meta, warnings)
             kind = variant_kind(fmt, rt, path, ref)
             limits = thresholds_for(kind) if (max_kl is None or min_top1 is None) else {}
             if max_kl is not None:
@@ -151,7 +153,7 @@ def validate(
             rt.close()
         metrics = acc.summary()
         kl_all = acc.kl_values()  # every token's KL, once: the report's quantiles and its plot
-        failures = _failures(metrics, limits)
+        failures = _failures(metrics, limits) + tokenizer_failures
         res = VariantResult(
             variant=str(path),
             format=fmt,
@@ -168,6 +170,7 @@ def validate(
             peak_anon_rss_bytes=peak_anon,
             kl_quantiles=kl_quantiles(kl_all),
             quantization=dict(rt.quantization),
+            tokenizer=tokenizer_summary,
         )
         if write:
             if fmt == "gguf":  # one report per variant, named after the set when it is split
