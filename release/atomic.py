@@ -1,14 +1,19 @@
 """Temporary-then-rename writing, so a crash never leaves a finished-looking output.
 
 Everything is written into a hidden sibling folder of the target (same filesystem, so the final
-``rename`` is atomic), fsynced, and only then renamed into place.
+``rename`` is atomic), fsynced, and only then renamed into place. The temporary name carries the
+host and process that own it (``.NAME.partial-HOST-PID-RANDOM``), so that the next run towards the
+same target removes what a run killed without a chance to clean up (SIGKILL, a lost node) left,
+and never what a live run on this or another host is writing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +21,48 @@ from pathlib import Path
 from release.errors import BadInputError, os_error_to_release_error
 
 PARTIAL_MARK = ".partial-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def partial_path(target: Path) -> Path:
+    """A fresh temporary sibling of ``target``, named after its owner (host and process)."""
+    return target.parent / f".{target.name}{PARTIAL_MARK}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove temporary siblings of ``target`` whose owner process on this host is gone. Returns
+    what was removed. Those of other hosts (a shared filesystem) and of live processes stay."""
+    removed = []
+    prefix = f".{target.name}{PARTIAL_MARK}"
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        if not p.name.startswith(prefix):
+            continue
+        parts = p.name[len(prefix) :].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def fsync_path(path: Path) -> None:
@@ -45,7 +92,8 @@ def atomic_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
     check_target(target, force)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+        remove_stale_partials(target)
+        tmp = partial_path(target)
         tmp.mkdir()
     except OSError as exc:
         raise os_error_to_release_error(exc, f"creating {target.parent}") from exc
@@ -88,7 +136,8 @@ def atomic_file(target: Path, *, force: bool = False) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error_to_release_error(exc, f"creating {target.parent}") from exc
-    tmp = target.parent / f".{target.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+    remove_stale_partials(target)
+    tmp = partial_path(target)
     try:
         yield tmp
         fsync_path(tmp)

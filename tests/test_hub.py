@@ -394,3 +394,171 @@ def test_base_install_fetches_and_verifies_without_torch_or_llama_cpp(cli, relea
     bad = tmp_path / "tampered"
     code, heavy, stdout, stderr = _in_base(base_venv, *fetch, "-o", bad, "--public-key", release["pub"])
     assert code == 1 and f"changed: {name}" in stderr and not bad.exists() and heavy == []
+
+
+# ---- a Hub that lies (tests/hostile_hub.py): every attack ends in exit 1, one error line, nothing
+# at -o or beside it, and no hang --------------------------------------------------------------------
+
+Q8 = f"{DEMO}-Q8_0.gguf"
+
+
+@pytest.fixture(scope="module")
+def hostile(release, tmp_path_factory):
+    """A hostile Hub holding the signed GGUF repository, uploaded once; each test sets its attack."""
+    from tests.hostile_hub import HostileHub
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", TOKEN)
+        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        server = HostileHub(tmp_path_factory.mktemp("hostile-hub"), token=TOKEN).start()
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo(f"{REPO}-GGUF")
+        api.upload_folder(repo_id=f"{REPO}-GGUF", folder_path=release["dir"] / GGUF, commit_message="release")
+        server.genuine = api.repo_info(f"{REPO}-GGUF").sha
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def attack(hostile):
+    """Set the attacks of the next fetch (file path -> kind), on the release as uploaded: a commit
+    an earlier step forged is dropped (main moves back to the release's commit)."""
+
+    def set_attack(**attacks: str) -> None:
+        hostile.attacks, hostile.sent, hostile.served = dict(attacks), 0, []
+        with hostile.state.lock:
+            repo = hostile.store.load("model", f"{REPO}-GGUF")
+            repo["refs"]["branches"]["main"] = hostile.genuine
+            hostile.store.save("model", f"{REPO}-GGUF", repo)
+
+    yield set_attack
+    set_attack()
+
+
+def _fetch_from(cli, hostile, tmp_path, release, *extra: object):
+    out = tmp_path / "fetched"
+    started = time.monotonic()
+    r = cli("fetch", f"{REPO}-GGUF", "--variant", "Q8_0", "-o", out, "--endpoint", hostile.url,
+            "--public-key", release["pub"], *extra)  # fmt: skip
+    return r, out, time.monotonic() - started
+
+
+def _refused(r, out, tmp_path, *needles: str) -> str:
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 1, r.stdout + r.stderr
+    assert len(errors) == 1 and errors[0].startswith("error:"), r.stderr
+    assert all(n in errors[0] for n in needles), errors[0]
+    assert not out.exists() and not leftovers(tmp_path)
+    return errors[0]
+
+
+def _q8_size(release) -> int:
+    manifest = json.loads((release["dir"] / GGUF / MANIFEST).read_text())
+    return next(f["size"] for f in manifest["files"] if f["path"] == Q8)
+
+
+def test_fetch_reads_no_byte_past_the_manifest_size(cli, release, hostile, attack, tmp_path):
+    from tests.hostile_hub import PAD
+
+    size = _q8_size(release)
+    # 1. Announced padding (Content-Length = file + 50 MB): refused before the body is read.
+    attack(**{Q8: "pad"})
+    r, out, took = _fetch_from(cli, hostile, tmp_path, release)
+    _refused(r, out, tmp_path, f"{Q8}: the server sends {size + PAD} bytes where the manifest lists {size}")
+    assert took < 20 and hostile.sent < size + PAD // 2, (took, hostile.sent)
+    # 2. Unannounced padding without end, and 3. the drip-feed after the real bytes: the listed bytes
+    # are kept, nothing after them is waited for, and the signature proves what was kept.
+    for kind in ("endless", "drip-after"):
+        attack(**{Q8: kind})
+        r, out, took = _fetch_from(cli, hostile, tmp_path, release, "--force")
+        assert r.exit_code == 0 and "verified" in r.stdout, r.stdout + r.stderr
+        assert took < 20 and hostile.served == [Q8], (kind, took)
+        assert (out / Q8).read_bytes() == (release["dir"] / GGUF / Q8).read_bytes()
+    shutil.rmtree(out)
+    # 4. A connection closed half way through the announced length.
+    attack(**{Q8: "short"})
+    r, out, took = _fetch_from(cli, hostile, tmp_path, release)
+    _refused(r, out, tmp_path, f"fetching {REPO}-GGUF failed")
+
+
+def test_fetch_gives_up_on_a_stalled_transfer(cli, release, hostile, attack, tmp_path):
+    """Half the file, then one byte every 0.5 s: each read returns in time (no read timeout fires),
+    but the transfer moves almost nothing; --stall-timeout 2 gives up after about 2 s."""
+    attack(**{Q8: "drip-within"})
+    r, out, took = _fetch_from(cli, hostile, tmp_path, release, "--stall-timeout", "2")
+    _refused(r, out, tmp_path, f"{Q8}: stalled at ", f"of {_q8_size(release)} bytes", "--stall-timeout")
+    assert took < 15, took
+
+
+def _fetch_process(hostile, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
+    cmd = [sys.executable, "-c", "from release.cli import main; main()", "fetch", f"{REPO}-GGUF",
+           "--variant", "Q8_0", "-o", str(out), "--endpoint", hostile.url]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while Q8 not in hostile.served or not leftovers(out.parent):  # stuck in the drip, its partial folder there
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return proc
+
+
+def test_fetch_killed_leaves_nothing_and_the_next_run_cleans_up(cli, release, hostile, attack, tmp_path):
+    """SIGTERM and SIGINT unwind: exit 143 / 130, one line, the partial folder removed. SIGKILL
+    cannot be caught: the next fetch to the same -o removes what the dead process left, and not the
+    partial folder of a process on another host (a shared filesystem)."""
+    out = tmp_path / "fetched"
+    for sig, code, line in [(signal.SIGTERM, 143, "error: terminated (SIGTERM): nothing was written"),
+                            (signal.SIGINT, 130, "interrupted: nothing was written")]:  # fmt: skip
+        attack(**{Q8: "drip-within"})
+        proc = _fetch_process(hostile, out)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == code, stderr
+        assert [x for x in stderr.splitlines() if x.strip()] == [line], stderr
+        assert not out.exists() and not leftovers(tmp_path)
+    attack(**{Q8: "drip-within"})
+    proc = _fetch_process(hostile, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and f"-{proc.pid}-" in stale[0], stale
+    foreign = tmp_path / ".fetched.partial-otherhost-1-0badcafe"
+    foreign.mkdir()
+    attack()
+    r = cli("fetch", f"{REPO}-GGUF", "--variant", "Q8_0", "-o", out, "--endpoint", hostile.url)
+    assert r.exit_code == 0, r.stderr
+    assert leftovers(tmp_path) == [foreign.name]
+
+
+def test_fetch_refuses_forged_paths_keys_and_signatures(cli, release, hostile, attack, tmp_path):
+    """The content attacks: a manifest naming a path outside -o (../ or absolute), the release
+    re-signed with another key, the signature stripped. Each: exit 1, one line, nothing written."""
+    from release.signing import keygen, sign_folder
+
+    api = HfApi(endpoint=hostile.url, token=TOKEN)
+    repo = f"{REPO}-GGUF"
+    for bad_path in ("../escape.txt", str(tmp_path / "escape.txt")):
+        attack()
+        manifest = json.loads((release["dir"] / GGUF / MANIFEST).read_text())
+        manifest["files"].append({**manifest["files"][0], "path": bad_path})
+        api.create_commit(repo, [CommitOperationAdd(MANIFEST, json.dumps(manifest).encode())], commit_message="x")
+        r, out, _ = _fetch_from(cli, hostile, tmp_path, release)
+        assert r.exit_code in (1, 2), r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("error:") and "escape.txt" in errors[0], r.stderr
+        assert not out.exists() and not leftovers(tmp_path) and not (tmp_path / "escape.txt").exists()
+        assert not (tmp_path.parent / "escape.txt").exists()
+    attack()
+    folder = release["base"] / "resigned"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(release["dir"] / GGUF, folder)
+    other_key, _ = keygen(release["base"] / "other-key", force=True)
+    sign_folder(folder, private_key=other_key)
+    api.create_commit(repo, [CommitOperationAdd(SIGNATURE, str(folder / SIGNATURE))], commit_message="re-signed")
+    r, out, _ = _fetch_from(cli, hostile, tmp_path, release)
+    _refused(r, out, tmp_path, "signature check failed")
+    attack()
+    api.create_commit(repo, [CommitOperationDelete(SIGNATURE)], commit_message="stripped")
+    r, out, _ = _fetch_from(cli, hostile, tmp_path, release)
+    _refused(r, out, tmp_path, "no signature (release.sig) to check")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,12 +85,34 @@ class RichReporter(Reporter):
         stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, ``kill``, a scheduler's time limit) raised where the command is,
+    like Ctrl-C, so that every temporary output is removed on the way out instead of left behind."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) -> T:
     """Run a command body; expected failures become one line (or JSON) and their exit code."""
     reporter = RichReporter(enabled=not (quiet or as_json))
     try:
         try:
-            return action(reporter)
+            with _sigterm_unwinds():
+                return action(reporter)
         except ModuleNotFoundError as exc:  # a library of an extra this install does not have
             missing = missing_extra(exc, command_name())
             if missing is None:
@@ -102,6 +127,10 @@ def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) 
             # escape: messages hold brackets (pip install 'model-release[gguf]') that are not markup
             stderr.print(f"[red]error:[/] {escape(exc.message + hint)}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
+    except Terminated:
+        reporter.done()
+        stderr.print("[red]error:[/] terminated (SIGTERM): nothing was written")
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except KeyboardInterrupt:
         reporter.done()
         stderr.print("[red]interrupted[/]: nothing was written")

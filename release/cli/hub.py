@@ -106,6 +106,12 @@ def fetch_command(
     mirror: bool = typer.Option(
         False, "--mirror", help="Accept a release whose manifest names another repository (a mirror you trust)."
     ),
+    stall_timeout: float = typer.Option(
+        60.0,
+        "--stall-timeout",
+        min=1.0,
+        help="Give up on a file that moves less than 64 KiB in this many seconds (a stalled or drip-feeding server).",
+    ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
@@ -114,7 +120,8 @@ def fetch_command(
     --public-key check the OpenSSF signature. The manifest must name the repository asked for and,
     for a version tag such as v1.0, that version (no substitution, no rollback). Without
     --public-key the files are only checked against the server's own manifest. Nothing is left at
-    OUT unless all checks pass.
+    OUT unless all checks pass, whatever ends the run (a check, a stall, Ctrl-C, SIGTERM); no file
+    is read past the size the manifest lists.
     Exit codes: 0 verified, 1 a check failed, 2 bad input (unknown variant, ...)."""
     from release.hub.client import fetch
 
@@ -130,6 +137,7 @@ def fetch_command(
             endpoint=endpoint,
             force=force,
             mirror=mirror,
+            stall=stall_timeout,
             reporter=rep,
         ),
         as_json=as_json,

@@ -1,6 +1,7 @@
 """Publish release folders to a Hugging Face Hub and fetch one variant back, verified.
 
-Everything goes through the unmodified ``huggingface_hub`` client (``HfApi``, ``hf_hub_download``):
+Everything goes through the unmodified ``huggingface_hub`` client (``HfApi``; a fetch reads each file
+through its URL, headers and session with a bounded read loop of ours, ``release.hub.transfer``):
 the endpoint is ``--endpoint``, else ``$HF_ENDPOINT`` (a company mirror), else huggingface.co; the
 token is ``$HF_TOKEN`` or the user's login. ``local:DIR`` is the embedded target that needs no
 account: a Hub-compatible server (``release.hub.server``) over DIR, started for the command.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,6 +26,7 @@ from release.cards import folder_kind, release_folders
 from release.errors import BadInputError, CheckFailedError, MissingExtraError, ReleaseError
 from release.extras import missing_extra
 from release.hashing import sha256_file
+from release.hub.transfer import DEFAULT_STALL
 from release.licensing import decide
 from release.manifest import (
     MANIFEST,
@@ -307,13 +308,17 @@ def fetch(
     token: str | None = None,
     force: bool = False,
     mirror: bool = False,
+    stall: float = DEFAULT_STALL,
     reporter: Reporter = NULL,
 ) -> FetchResult:
     """Download one variant (and what every variant needs) into OUT, checked against the manifest
-    and, with a public key, the signature. Any difference: exit 1 and nothing at OUT."""
-    from huggingface_hub import HfApi, hf_hub_download
+    and, with a public key, the signature. Any difference: exit 1 and nothing at OUT. Each file is
+    read no further than the manifest's size, and a transfer that stalls for ``stall`` seconds fails
+    (``release.hub.transfer``)."""
+    from huggingface_hub import HfApi, hf_hub_url
 
     from release.atomic import atomic_dir
+    from release.hub.transfer import download
 
     started = time.monotonic()
     token = resolve_token(token)
@@ -326,7 +331,16 @@ def fetch(
             remote = _remote_files(api, repo_id, commit) or {}
             if MANIFEST not in remote:
                 raise CheckFailedError(f"{repo_id}@{revision}: no {MANIFEST}; not a model-release release")
-            hf_hub_download(repo_id, MANIFEST, revision=commit, local_dir=tmp, endpoint=url, token=token)
+
+            def get(p: str, size: int) -> None:
+                dest = tmp / p
+                if not dest.resolve().is_relative_to(tmp.resolve()):  # the schema refuses these; twice is cheap
+                    raise CheckFailedError(f"{repo_id}@{revision}: refusing the path {p!r}, outside the download")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                file_url = hf_hub_url(repo_id, p, revision=commit, endpoint=url)
+                download(file_url, dest, size, token=token, stall=stall, what=f"{repo_id}@{revision}: {p}")
+
+            get(MANIFEST, _bounded(remote[MANIFEST], repo_id, revision))
         with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
             manifest = load_manifest(tmp / MANIFEST)
         _check_identity(manifest, repo_id, revision, commit, mirror, warnings)
@@ -346,11 +360,10 @@ def fetch(
         total = sum(listed[p]["size"] for p in needed)
         reporter.start(f"downloading {variant} from {repo_id}", total)
         with hub_errors(f"fetching {repo_id}", token):
-            for p in want:
-                hf_hub_download(repo_id, p, revision=commit, local_dir=tmp, endpoint=url, token=token)
+            for p in want:  # listed files: the manifest's size; the signature: its listing's, bounded
+                get(p, listed[p]["size"] if p in listed else _bounded(remote[p], repo_id, revision))
                 reporter.advance(listed[p]["size"] if p in listed else 0)
         reporter.done()
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local_dir bookkeeping
         signature_checked = False
         with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
             check_files(tmp, manifest, only=set(needed))
@@ -382,6 +395,20 @@ def fetch(
         )
     return FetchResult(repo_id, variant, revision, commit, str(out), needed, total, True, signature_checked,
                        revalidated, warnings, round(time.monotonic() - started, 2))  # fmt: skip
+
+
+_SMALL_FILE = 16 * 1024 * 1024  # the manifest and the signature: a few kB for any release
+
+
+def _bounded(entry: Any, repo_id: str, revision: str) -> int:
+    """The size to read of a file the manifest cannot size (itself, the signature): the listing's,
+    refused past ``_SMALL_FILE``, so that a server announcing a huge manifest is not believed."""
+    if entry.size > _SMALL_FILE:
+        raise CheckFailedError(
+            f"{repo_id}@{revision}: {entry.path} is listed at {entry.size} bytes; a manifest or signature "
+            f"is never more than {_SMALL_FILE // (1024 * 1024)} MiB"
+        )
+    return int(entry.size)
 
 
 def _check_identity(
