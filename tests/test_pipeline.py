@@ -229,3 +229,33 @@ def test_imatrix_setting_plans_a_collecting_step_a_given_file_or_none(smollm2, t
 
     with pytest.raises(BadInputError, match=r"release\.yaml:\d+: imatrix file .*missing\.imatrix does not exist"):
         plan(imatrix=str(tmp_path / "missing.imatrix"))
+
+
+def test_an_interrupted_build_stops_its_running_steps(tmp_path):
+    """Ctrl-C or SIGTERM to `build` (raised as KeyboardInterrupt in it) ends the steps it runs, with
+    SIGTERM first so that each removes its own temporary output: none outlives the build."""
+    import threading
+
+    from release.pipeline.local import LocalExecutor
+    from release.pipeline.records import Records
+    from release.pipeline.schedule import run_plan
+    from release.pipeline.steps import Plan, Step
+    from release.resources import Need
+
+    pids = tmp_path / "pids"
+    code = f"import os, sys, time; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); time.sleep(120)"
+    steps = [Step(f"s{i}", "release", [sys.executable, "-c", code], {}, [], list, Need(ram=1)) for i in range(2)]
+    (tmp_path / "logs").mkdir()
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(Plan(tmp_path, steps, []), Records(tmp_path), LocalExecutor(), logs=tmp_path / "logs", jobs=2,
+                 budget=1 << 40)  # fmt: skip
+    timer.cancel()
+    assert time.monotonic() - started < 60
+    started_pids = [int(p) for p in pids.read_text().split()]
+    assert len(started_pids) == 2
+    for pid in started_pids:  # reaped, not left as orphans or zombies
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

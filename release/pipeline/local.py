@@ -35,6 +35,10 @@ class Executor(Protocol):
 
     def poll(self, handle: Any) -> Finished | None: ...
 
+    def stop(self, handle: Any) -> None:
+        """End a running step (the build was interrupted: Ctrl-C, SIGTERM); it cleans up after itself."""
+        ...
+
 
 @dataclass
 class _Running:
@@ -54,6 +58,16 @@ class LocalExecutor:
                 [*step.argv, "--json"], stdout=subprocess.PIPE, stderr=None if self.verbose else err, text=True
             )
         return _Running(proc)
+
+    def stop(self, handle: _Running) -> None:
+        # SIGTERM first: the step's command unwinds like Ctrl-C and removes its temporary output.
+        proc = handle.proc
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def poll(self, handle: _Running) -> Finished | None:
         proc = handle.proc
