@@ -22,9 +22,33 @@ IGNORED = [SIGNATURE, ".cache", ".gitattributes"]  # .cache: huggingface_hub's l
 
 
 def _hashing_config(folder: Path) -> Any:
+    """model-signing's file serialization (sha256 per file), with each digest from
+    ``release.hashing.sha256_file``: the same sha256 of the same bytes, but inside a build computed
+    once for card, manifest and sign together (the build's hash cache). The library has no public
+    hook for known digests, so its file-hasher factory is overridden; the signature's bytes are the
+    library's own (the tests verify with the unmodified library)."""
     from model_signing import hashing
+    from model_signing._hashing import hashing as digests
+    from model_signing._hashing import io
 
-    return hashing.Config().use_file_serialization(hashing_algorithm="sha256").set_ignored_paths(paths=IGNORED)
+    from release.hashing import sha256_file
+
+    class KnownDigestHasher(io.SimpleFileHasher):
+        def compute(self) -> Any:
+            return digests.Digest(self.digest_name, bytes.fromhex(sha256_file(self._file)))
+
+    class CachedConfig(hashing.Config):
+        def _build_file_hasher_factory(self, hashing_algorithm: Any = "sha256", chunk_size: int = 1 << 20,
+                                       max_workers: Any = None) -> Any:  # fmt: skip
+            if hashing_algorithm != "sha256":  # the known digests are sha256
+                return super()._build_file_hasher_factory(hashing_algorithm, chunk_size, max_workers)
+
+            def factory(path: Path) -> Any:
+                return KnownDigestHasher(path, self._build_stream_hasher(hashing_algorithm), chunk_size=chunk_size)
+
+            return factory
+
+    return CachedConfig().use_file_serialization(hashing_algorithm="sha256").set_ignored_paths(paths=IGNORED)
 
 
 def keygen(out_dir: Path, force: bool = False) -> tuple[Path, Path]:

@@ -72,6 +72,12 @@ def test_builds_the_whole_release(full, cli):
     assert q4_row.endswith("| yes: default.jsonl, 4 chunks |") and q8_row.endswith("| no |")
     assert "## Which file should I choose?" in card and "![Per-token KL of every file](kl-comparison.png)" in card
     assert "kl-comparison.png" in files
+    # card, manifest and sign shared one sha256 per file: the build's cache holds every weight file,
+    # each digest the manifest's (and the signature, checked below, verifies).
+    cache = json.loads((dist / ".work" / "sha256.json").read_text())
+    for path, f in files.items():
+        if f["size"] >= 1 << 20:
+            assert cache[str(dist / f"{NAME}-GGUF" / path)][2] == f["sha256"], path
     for f in folders:
         manifest = json.loads((dist / f / "release-manifest.json").read_text())
         assert all(v and v["passed"] for v in manifest["variants"].values())

@@ -55,8 +55,9 @@ class LocalExecutor:
     def start(self, step: Step, log: Path) -> _Running:
         with open(log, "w", encoding="utf-8") as err:
             proc = subprocess.Popen(
-                [*step.argv, "--json"], stdout=subprocess.PIPE, stderr=None if self.verbose else err, text=True
-            )
+                [*step.argv, "--json"], stdout=subprocess.PIPE, stderr=None if self.verbose else err, text=True,
+                env={**os.environ, **step.env},
+            )  # fmt: skip
         return _Running(proc)
 
     def stop(self, handle: _Running) -> None:

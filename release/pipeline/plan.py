@@ -18,6 +18,7 @@ from release.architectures import resolve
 from release.datafiles import data_file
 from release.errors import BadInputError
 from release.formats.gguf_names import variant_files
+from release.hashing import HASH_CACHE_ENV
 from release.pipeline.records import WORK_DIR, Records, digest, fingerprint
 from release.pipeline.release_file import ReleaseFile
 from release.pipeline.steps import FAMILIES, Plan, Step
@@ -85,6 +86,8 @@ def plan_build(
     steps += _validations(ctx, variants)
     if only is None:  # a partial build is not a release: no cards, manifest or signature
         steps += _release_steps(ctx, variants, key)
+    for step in steps:  # card, manifest and sign hash each file once between them
+        step.env[HASH_CACHE_ENV] = str(dist / WORK_DIR / "sha256.json")
     return Plan(dist, steps, variants)
 
 

@@ -23,6 +23,7 @@ class Step:
     outputs: Callable[[], list[Path]]  # what the step wrote, listed after it ran
     need: Need  # estimated peak RAM / GPU memory / disk, for the up-front fit check and --jobs
     ok_codes: tuple[int, ...] = (0,)  # validate: 1 (a failed check) is a result, not a crash
+    env: dict[str, str] = field(default_factory=dict)  # set for its process (the build's hash cache)
 
     @property
     def memory(self) -> int:
