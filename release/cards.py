@@ -142,6 +142,7 @@ def files_table(folder: Path, kind: str, parameters: int) -> tuple[str, list[dic
                 "kl_quantiles": (report or {}).get("kl_quantiles") or {},
                 "imatrix": _imatrix_note((report or {}).get("quantization") or {}) if report is not None else None,
                 "set_bytes": set_bytes[set_name(f.name)] if kind == "gguf" else size,
+                "tokenizer": (report or {}).get("tokenizer") or {},
             }
         )  # fmt: skip
     gguf = kind == "gguf"
@@ -180,6 +181,25 @@ def kv_cache_bytes(config: dict[str, Any], context: int = CONTEXT) -> int:
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)
     return 2 * int(config.get("num_hidden_layers", 0)) * kv_heads * head_dim * context * 2
+
+
+def tokenizer_note(rows: list[dict[str, Any]]) -> str:
+    """What validation's tokenizer check proved for the folder's files, in one sentence ('' when it
+    did not run: a reference made before the check, or no validated file)."""
+    checked = [r for r in rows if r["validated"] and r["tokenizer"].get("checked")]
+    if not checked or len(checked) < len([r for r in rows if r["validated"]]):
+        return ""
+    probes = checked[0]["tokenizer"]["probes"]
+    template = all(r["tokenizer"].get("chat_template") == "carried" for r in checked)
+    note = (
+        f"Tokenizer: every file was checked to tokenize {probes} probes (texts in several scripts, code, "
+        "whitespace, emoji; rendered chats) as the original tokenizer does, special and added tokens whole"
+        + (", and carries its chat template" if template else "")
+    )
+    split = sorted({p for r in checked for p in r["tokenizer"].get("mismatched") or []})
+    if split:  # a passed file's differences are its runtime's pre-tokenizer, not its added tokens
+        note += f"; the runtime splits plain text of {', '.join(split)} slightly differently (its own pre-tokenizer)"
+    return note + "."
 
 
 def choose_section(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
@@ -368,6 +388,7 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
         common = {
             "name": name, "version": meta.version, "description": meta.description, "advisory": advisory,
             "files_table": table, "kl_plots": kl_plots(folder, kind), "repo_id": this_repo,
+            "tokenizer_note": tokenizer_note(rows),
             "license_section": license_section(decision, meta),
             "citation": meta.citation, "example_prompt": "What are the first-line treatments for hypertension?",
         }  # fmt: skip

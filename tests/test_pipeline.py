@@ -70,6 +70,7 @@ def test_builds_the_whole_release(full, cli):
     q4_row = next(line for line in card.splitlines() if line.startswith(f"| {NAME}-Q4_K_M.gguf"))
     q8_row = next(line for line in card.splitlines() if line.startswith(f"| {NAME}-Q8_0.gguf"))
     assert q4_row.endswith("| yes: default.jsonl, 4 chunks |") and q8_row.endswith("| no |")
+    assert "Tokenizer: every file was checked to tokenize 12 probes" in card  # validation's tokenizer check
     assert "## Which file should I choose?" in card and "![Per-token KL of every file](kl-comparison.png)" in card
     assert "kl-comparison.png" in files
     # card, manifest and sign shared one sha256 per file: the build's cache holds every weight file,
