@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 from release.errors import BadInputError, os_error_to_release_error
 
 PARTIAL_MARK = ".partial-"
+_OLD_UNOWNED = 24 * 3600  # seconds: an ownerless temporary folder this old is no run's any more
 
 
 def _host() -> str:
@@ -44,7 +46,8 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_partials(target: Path) -> list[Path]:
     """Remove temporary siblings of ``target`` whose owner process on this host is gone. Returns
-    what was removed. Those of other hosts (a shared filesystem) and of live processes stay."""
+    what was removed. Those of other hosts (a shared filesystem) and of live processes stay; one
+    named the older way (no owner) goes once it is a day old."""
     removed = []
     prefix = f".{target.name}{PARTIAL_MARK}"
     try:
@@ -54,8 +57,15 @@ def remove_stale_partials(target: Path) -> list[Path]:
     for p in siblings:
         if not p.name.startswith(prefix):
             continue
-        parts = p.name[len(prefix) :].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit() or _alive(int(parts[1])):
+        suffix = p.name[len(prefix) :]
+        parts = suffix.rsplit("-", 2)
+        if re.fullmatch(r"[0-9a-f]{8}", suffix):  # named before owners were recorded: by age only
+            try:
+                if time.time() - p.lstat().st_mtime < _OLD_UNOWNED:
+                    continue
+            except OSError:
+                continue
+        elif len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit() or _alive(int(parts[1])):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

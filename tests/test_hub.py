@@ -506,7 +506,8 @@ def _fetch_process(hostile, out: Path) -> subprocess.Popen:
 def test_fetch_killed_leaves_nothing_and_the_next_run_cleans_up(cli, release, hostile, attack, tmp_path):
     """SIGTERM and SIGINT unwind: exit 143 / 130, one line, the partial folder removed. SIGKILL
     cannot be caught: the next fetch to the same -o removes what the dead process left, and not the
-    partial folder of a process on another host (a shared filesystem)."""
+    partial folder of a process on another host (a shared filesystem); one named the older way (no
+    owner) goes when it is a day old."""
     out = tmp_path / "fetched"
     for sig, code, line in [(signal.SIGTERM, 143, "error: terminated (SIGTERM): nothing was written"),
                             (signal.SIGINT, 130, "interrupted: nothing was written")]:  # fmt: skip
@@ -525,10 +526,14 @@ def test_fetch_killed_leaves_nothing_and_the_next_run_cleans_up(cli, release, ho
     assert len(stale) == 1 and f"-{proc.pid}-" in stale[0], stale
     foreign = tmp_path / ".fetched.partial-otherhost-1-0badcafe"
     foreign.mkdir()
+    old, recent = tmp_path / ".fetched.partial-0123abcd", tmp_path / ".fetched.partial-89abcdef"  # no owner named
+    for p in (old, recent):
+        p.mkdir()
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
     attack()
     r = cli("fetch", f"{REPO}-GGUF", "--variant", "Q8_0", "-o", out, "--endpoint", hostile.url)
     assert r.exit_code == 0, r.stderr
-    assert leftovers(tmp_path) == [foreign.name]
+    assert sorted(leftovers(tmp_path)) == sorted([foreign.name, recent.name])
 
 
 def test_fetch_refuses_forged_paths_keys_and_signatures(cli, release, hostile, attack, tmp_path):
