@@ -80,3 +80,4 @@ class HostileHub(HubServer):
         self.attacks: dict[str, str] = {}  # file path -> attack
         self.served: list[str] = []
         self.sent = 0  # body bytes of attacked downloads written before the client went away
+        self.genuine = ""  # the commit of the release as uploaded (tests move main back to it)

@@ -6,7 +6,8 @@ Three kinds, tried in llama.cpp's converter's order:
   ``gguf.LlamaHfVocab``;
 - ``tokenizer.json`` byte-level BPE (GPT-2 style, SmolLM2) -> ``gpt2`` with merges and the
   pre-tokenizer name llama.cpp needs to split text the same way.
-Special token ids, add-BOS/EOS behaviour and the chat template come from ``gguf.SpecialVocab``.
+Special token ids, add-BOS/EOS behaviour and the chat template come from ``gguf.SpecialVocab``
+(add-BOS/EOS observed on the tokenizer itself where its files say nothing).
 
 Token types, on every path, come from the tokenizer's own added tokens (``added_tokens.json``,
 tokenizer.json's ``added_tokens``, tokenizer_config.json's ``added_tokens_decoder``; later wins, as
@@ -68,7 +69,7 @@ def load_vocab(root: Path, vocab_size: int) -> GGUFVocab:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BadInputError(f"{tj_path}: unreadable tokenizer ({exc})") from None
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        return _llama_hf(root, vocab_size, model)
+        return _llama_hf(root, vocab_size, tj)
     if model.get("type") == "BPE" and (tj.get("decoder") or {}).get("type") == "ByteLevel":
         return _byte_level_bpe(root, tj_path, tj, vocab_size)
     raise BadInputError(f"{tj_path}: tokenizer type {model.get('type')!r} is not supported for GGUF")
@@ -120,24 +121,28 @@ def _byte_level_bpe(root: Path, path: Path, tj: dict[str, Any], vocab_size: int)
             tokens.append(reverse[i].encode("utf-8"))
             types.append(gguf.TokenType.NORMAL)
     _pad(tokens, types, None, vocab_size)
-    _type_added(root, tokens, types, None, normalize=tok)
+    _type_added(root, tokens, types, None, tj=tj, normalize=tok)
     special = gguf.SpecialVocab(root, load_merges=True)
     _observe_added_specials(tok, special)
     return GGUFVocab("gpt2", pre, tokens, types, None, special)
 
 
-def added_tokens(root: Path) -> dict[int, dict[str, Any]]:
+def added_tokens(root: Path, tj: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
     """id -> added-token entry (``content``, ``special``, ``normalized``) from the three files that
-    declare them, later files overriding earlier ones as transformers applies them."""
+    declare them, later files overriding earlier ones as transformers applies them. ``tj``: the
+    tokenizer.json the caller already parsed (Gemma 3's is 33 MB), instead of reading it again."""
     found: dict[int, dict[str, Any]] = {}
     for name in ("added_tokens.json", "tokenizer.json", "tokenizer_config.json"):
         path = root / name
-        if not path.is_file():
+        if name == "tokenizer.json" and tj is not None:
+            data = tj
+        elif not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{path}: invalid JSON ({exc})") from None
+        else:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise BadInputError(f"{path}: invalid JSON ({exc})") from None
         try:
             if name == "added_tokens.json":
                 found.update({int(i): {"content": text, "special": False} for text, i in data.items()})
@@ -151,7 +156,13 @@ def added_tokens(root: Path) -> dict[int, dict[str, Any]]:
 
 
 def _type_added(
-    root: Path, tokens: list[bytes], types: list[int], scores: list[float] | None, *, normalize: Any = None
+    root: Path,
+    tokens: list[bytes],
+    types: list[int],
+    scores: list[float] | None,
+    *,
+    tj: dict[str, Any] | None = None,
+    normalize: Any = None,
 ) -> None:
     """Type the added tokens by the tokenizer's own flag: special -> CONTROL, others -> USER_DEFINED.
     llama.cpp matches those on the raw text; transformers matches a ``normalized`` one after its
@@ -159,7 +170,7 @@ def _type_added(
     one as it is (Gemma 3's run of 24 ``▁`` is a literal, not 24 spaces). Scores
     are -1000 as the converter writes them; ``normalize`` (a ``tokenizers.Tokenizer``) re-spells a
     non-normalized byte-level token the way llama.cpp matches it (the converter does the same)."""
-    for i, entry in added_tokens(root).items():
+    for i, entry in added_tokens(root, tj).items():
         if i >= len(tokens):
             continue
         text = str(entry["content"])
@@ -216,7 +227,7 @@ def _observe_added_specials(tok: Any, special: gguf.SpecialVocab) -> None:
 _BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
 
 
-def _llama_hf(root: Path, vocab_size: int, model: dict[str, Any]) -> GGUFVocab:
+def _llama_hf(root: Path, vocab_size: int, tj: dict[str, Any]) -> GGUFVocab:
     try:
         hf = gguf.LlamaHfVocab(root)
     except (OSError, TypeError, ValueError) as exc:
@@ -228,7 +239,7 @@ def _llama_hf(root: Path, vocab_size: int, model: dict[str, Any]) -> GGUFVocab:
     # merge in the wrong order ("sp"+"ac" where the BPE ranks say "s"+"pa"). The merge rank is
     # the order BPE applies: a token made by merge number r gets score -r.
     rank: dict[str, int] = {}
-    for r, merge in enumerate(model.get("merges") or []):
+    for r, merge in enumerate(tj["model"].get("merges") or []):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         rank.setdefault(left + right, r)
     for i, text in enumerate(tokens):
@@ -239,7 +250,7 @@ def _llama_hf(root: Path, vocab_size: int, model: dict[str, Any]) -> GGUFVocab:
         if r is not None and types[i] == gguf.TokenType.NORMAL:
             scores[i] = -float(r)
     _pad(tokens, types, scores, vocab_size)
-    _type_added(root, tokens, types, scores)
+    _type_added(root, tokens, types, scores, tj=tj)
     special = gguf.SpecialVocab(root, n_vocab=len(tokens))
     from tokenizers import Tokenizer
 

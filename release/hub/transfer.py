@@ -6,8 +6,8 @@ that advise ``force_download``), and its timeout is per read, so a server that d
 every 2 s keeps it downloading for ever. Here the URL, headers (token, user agent) and HTTP
 session are still ``huggingface_hub``'s own (``hf_hub_url``, ``build_hf_headers``,
 ``get_session``: proxies, redirects to the CDN, certificates as the user configured them); only
-the read loop is ours: it stops at the manifest's size (refusing one byte more), and fails a
-transfer that moved less than ``MIN_PROGRESS`` bytes in ``stall`` seconds. Bytes a server would
+the read loop is ours: it stops at the manifest's size (refusing an announced Content-Length that
+differs), and fails a transfer that moved less than ``MIN_PROGRESS`` bytes in ``stall`` seconds. Bytes a server would
 send past the listed size are never read (the connection is closed there); the sha256 check that
 follows decides on the bytes that were.
 """

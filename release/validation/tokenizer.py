@@ -6,7 +6,8 @@ release goes wrong while KL and top-1 look fine. The reference therefore stores,
 logits, the source tokenizer's ids for a set of probes (``release/data/eval/tokenizer_probes.json``:
 varied texts, and conversations rendered with the source's own chat template) and the chat
 template's sha256; validation tokenizes the same probes in the variant's runtime and fails the
-variant on any difference, or when the chat template was not carried.
+variant when its added tokens come out differently or the chat template was not carried (a plain-text
+split of the runtime's own pre-tokenizer, with the same added tokens, is a warning: see ``check``).
 
 Plain texts are tokenized as a prompt is (BOS added as the tokenizer adds it); rendered chats as
 a chat runtime does (llama-server, ``apply_chat_template``): special tokens parsed, nothing added.
