@@ -246,6 +246,19 @@ def test_a_commit_is_not_taken_for_a_version_tag():
             _check_identity(manifest, "org/m-GGUF", revision, commit, False, [])
 
 
+def test_a_huge_manifest_or_signature_listing_is_not_believed():
+    """The manifest sizes every other file; its own size and the signature's come from the server's
+    listing, so they are capped: a listing of 17 MiB is refused before anything is read."""
+    from types import SimpleNamespace
+
+    from release.errors import CheckFailedError
+    from release.hub.client import _bounded
+
+    assert _bounded(SimpleNamespace(size=4096, path=MANIFEST), "org/m", "v1.0") == 4096
+    with pytest.raises(CheckFailedError, match=r"release.sig is listed at 17825792 bytes; .* never more than 16 MiB"):
+        _bounded(SimpleNamespace(size=17 << 20, path=SIGNATURE), "org/m", "v1.0")
+
+
 def test_fetch_reads_no_reference_outside_the_download(cli, release, hub, tmp_path):
     outside = tmp_path / "elsewhere.safetensors"
     shutil.copyfile(release["dir"] / GGUF / "reference-logits.safetensors", outside)
