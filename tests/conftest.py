@@ -1,9 +1,20 @@
-"""Shared fixtures: tiny random Llama checkpoints in every input layout, and the real SmolLM2 model."""
+"""Shared fixtures: tiny random Llama checkpoints in every input layout, and the real SmolLM2 model.
+
+The suite runs on two pytest-xdist workers (`make test`): each worker and every process it starts
+gets one thread (below, before torch is imported), the expensive session fixtures (the reference
+logits, the demo release) are built once per run by whichever worker asks first and read by the
+other (``once_per_run``), and ``pytest_xdist_make_scheduler`` hands out the costliest work first."""
 
 from __future__ import annotations
 
 import json
 import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: torch, llama.cpp and GPTQModel each default to every core, and two
+    # workers doing so oversubscribe the machine (spinning thread pools: slower than one worker).
+    # Inherited by every step a test's build starts; release.resources.cpu_threads reads it too.
+    os.environ["OMP_NUM_THREADS"] = "1"
 import shutil
 import subprocess
 import sys
@@ -15,6 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -172,14 +184,85 @@ def smollm2():
     assert fixtures.intact(fixture.root), f"a test wrote into the cached SmolLM2 fixture at {fixture.root}"
 
 
+# Seconds each unit of work took (setup + call) in a serial run on this 2-core machine, measured
+# 2026-12-03: the scheduler hands out the costliest first, so the last minutes are not one worker
+# alone on a long file. A file with module-scoped fixtures is one unit; any other test is its own.
+# Unlisted units count as 1 s. The demo release is built by the first test that asks (test_gptq's).
+COSTS = {
+    "tests/test_gptq.py": 480, "tests/test_architectures.py": 320, "tests/test_imatrix.py": 170,
+    "tests/test_hub.py": 160, "tests/test_gguf.py": 120, "tests/test_tokenizers.py": 90,
+    "tests/test_validate.py": 45, "tests/test_real_model.py": 26,
+    "tests/test_pipeline.py::test_killed_during_gguf_resumes_to_the_same_outputs": 150,
+    "tests/test_scale.py::test_split_release_is_one_variant_in_manifest_card_and_fetch": 85,
+    "tests/test_scale.py::test_gguf_split_set_loads_in_llama_cpp_as_one_variant": 42,
+    "tests/test_scale.py::test_streamed_memory_is_one_layer_not_the_model": 38,
+}  # fmt: skip
+WHOLE_FILES = {"test_architectures.py", "test_gguf.py", "test_gptq.py", "test_hub.py", "test_imatrix.py",
+               "test_real_model.py", "test_tokenizers.py", "test_validate.py"}  # fmt: skip
+
+
+def work_unit(nodeid: str) -> str:
+    """What one worker runs together: a file with module-scoped fixtures (built once), else one test."""
+    file = nodeid.split("::", 1)[0]
+    return file if Path(file).name in WHOLE_FILES else nodeid
+
+
+def _cost(nodeid: str) -> float:
+    unit = work_unit(nodeid)
+    return COSTS.get(unit, COSTS.get(unit.split("[", 1)[0], 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Costliest units first (a stable sort: a unit's tests stay in their order). Every xdist worker
+    collects in this order, and the scheduler below queues the units as they first appear."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: -_cost(item.nodeid))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class CostlyFirst(LoadScopeScheduling):
+        """xdist's scope scheduling over ``work_unit``s, in collection (cost) order."""
+
+        def __init__(self, config: pytest.Config, log: object = None) -> None:
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # keep the cost order, not the test-count order
+
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return CostlyFirst(config, log)
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], dict]) -> dict:
+    """``make(folder)`` once per test run, whichever xdist worker asks first (the others wait on a
+    lock, then read its JSON result); without xdist, once per session. A failed build is retried by
+    the next asker."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"once-{name}"
+    with FileLock(f"{root}.lock"):
+        done = root / "result.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        result = make(root)
+        done.write_text(json.dumps(result))
+        return result
+
+
 @pytest.fixture(scope="session")
 def smollm2_reference(smollm2, tmp_path_factory):
     """Reference logits of the real model on the built-in evaluation set (built once per test run)."""
     from release.validation.reference import build_reference, load_reference
 
-    path = tmp_path_factory.mktemp("reference") / "ref.safetensors"
-    build_reference(smollm2.hf, path)
-    return load_reference(path)
+    def make(folder: Path) -> dict:
+        build_reference(smollm2.hf, folder / "ref.safetensors")
+        return {"path": str(folder / "ref.safetensors")}
+
+    return load_reference(Path(once_per_run(tmp_path_factory, "reference", make)["path"]))
 
 
 DEMO = "SmolLM2-135M-Instruct-demo"  # the demo release's name (examples/smollm2-release.yaml)
@@ -223,16 +306,21 @@ def demo_release(smollm2, tmp_path_factory) -> Demo:
     the suite's most expensive thing); a test that changes anything works on a copy."""
     from release.signing import keygen
 
-    base = tmp_path_factory.mktemp("demo")
-    rf = demo_release_file(base / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"], "imatrix_chunks": 4},
-                           gptq={"bits": 4, "samples": 12, "seq_len": 256})  # fmt: skip
-    priv, pub = keygen(base / "keys")
-    started = time.monotonic()
-    b = run_subprocess("build", rf, "-o", base / "dist", "--key", priv, "--jobs", 2, "--json", "--quiet", timeout=900)
-    seconds = time.monotonic() - started
-    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
-    out = json.loads(b.stdout)
-    return Demo(rf, base, base / "dist", Path(out["release_dir"]), out, b.stderr, seconds, priv, pub)
+    def make(base: Path) -> dict:
+        rf = demo_release_file(base / "release.yaml", gguf={"types": ["Q8_0", "Q4_K_M"], "imatrix_chunks": 4},
+                               gptq={"bits": 4, "samples": 12, "seq_len": 256})  # fmt: skip
+        priv, pub = keygen(base / "keys")
+        started = time.monotonic()
+        b = run_subprocess("build", rf, "-o", base / "dist", "--key", priv, "--jobs", 2, "--json", "--quiet",
+                           timeout=1500)  # fmt: skip
+        seconds = time.monotonic() - started
+        assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+        out = json.loads(b.stdout)
+        paths = {"rf": rf, "base": base, "dist": base / "dist", "dir": out["release_dir"], "priv": priv, "pub": pub}
+        return {**{k: str(v) for k, v in paths.items()}, "out": out, "stderr": b.stderr, "seconds": seconds}
+
+    d = once_per_run(tmp_path_factory, "demo", make)
+    return Demo(**{k: Path(v) if k in ("rf", "base", "dist", "dir", "priv", "pub") else v for k, v in d.items()})
 
 
 @pytest.fixture(scope="session")

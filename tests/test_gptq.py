@@ -50,6 +50,13 @@ def test_standard_layout_clean_configs_and_provenance(made, smollm2):
         assert (out / name).read_bytes() == (smollm2.hf / name).read_bytes(), name
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         meta, names = f.metadata(), set(f.keys())
+        dtypes = {k: f.get_slice(k).get_dtype() for k in names}
+    # Calibrated in float32 on the CPU, written as a GPU build writes it: the unquantized weights
+    # (embeddings, norms) in the source's dtype, float16 scales, int32 packed weights.
+    source_dtype = json.loads((smollm2.hf / "config.json").read_text())["dtype"]
+    assert source_dtype == "bfloat16" and cfg["dtype"] == source_dtype
+    kinds = {(k.rsplit(".", 1)[-1], d) for k, d in dtypes.items()}
+    assert kinds == {("weight", "BF16"), ("scales", "F16"), ("qweight", "I32"), ("qzeros", "I32"), ("g_idx", "I32")}
     assert meta["source_checkpoint_hash"] == made["ref"].meta["source_checkpoint_hash"]
     assert meta["license"] == "apache-2.0" and meta["quantization"] == "gptq-4bit-g64"
     for layer in range(30):

@@ -153,6 +153,22 @@ def test_forward_mode_follows_free_memory(smollm2, monkeypatch):
         forward.choose(smollm2.hf, "cpu", "auto", 512)
 
 
+def test_step_threads_follow_omp_num_threads(monkeypatch):
+    """A step's thread count (llama.cpp's quantizer, the ggml quantizer's threads) is what
+    OMP_NUM_THREADS says (a test worker sharing the machine, a Ray task's CPU request), else the
+    CPUs this process may run on."""
+    import os
+
+    from release.resources import cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads() == len(os.sched_getaffinity(0))
+
+
 def test_gptq_validation_that_cannot_fit_is_refused(smollm2_gptq, smollm2_reference, cli, monkeypatch):
     monkeypatch.setattr("release.resources.mem_available", lambda: 500 << 20)
     r = cli("validate", smollm2_gptq.output, "-r", smollm2_reference.path, "--json")

@@ -44,6 +44,7 @@ from release.formats.gguf_vocab import GGUFVocab, load_vocab
 from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
+from release.resources import cpu_threads
 from release.tensors import TensorRef, has_nonfinite, tensor_bytes
 
 Q = gguf.GGMLQuantizationType
@@ -696,7 +697,7 @@ def _quantize_llama_cpp(
     reporter.start(f"quantizing {t.name} with llama.cpp" + (" and the importance matrix" if im else ""), 1)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = t.file_type.value
-    params.nthread = os.cpu_count() or 1
+    params.nthread = cpu_threads()
     inputs = None  # its ctypes arrays must outlive the call that reads them
     if im is not None:
         inputs = imatrix_fmt.QuantizerInputs(llama_cpp, im, im_file)

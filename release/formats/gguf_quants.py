@@ -11,7 +11,6 @@ core (ctypes releases the GIL). Without llama-cpp-python the ``gguf`` package's 
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -20,6 +19,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+
+from release.resources import cpu_threads
 
 Q = gguf.GGMLQuantizationType
 # Types whose ggml quantizer needs no importance matrix and equals gguf.quants' numpy one.
@@ -91,7 +92,7 @@ def quantize(t: torch.Tensor, qtype: Q, threads: int | None = None, out: np.ndar
         lib.ggml_quantize_chunk(int(qtype), chunk.data_ptr(), dst, 0, chunk.shape[0], n, None)
 
     starts = range(0, rows.shape[0], step)
-    workers = threads or min(len(starts), os.cpu_count() or 1)
+    workers = threads or min(len(starts), cpu_threads())
     if workers <= 1:
         for a in starts:
             work(a)

@@ -383,22 +383,26 @@ def convert(
     )
 
 
-def restamp(path: Path, metadata: dict[str, str]) -> None:
+def restamp(path: Path, metadata: dict[str, str], *, f32_to: str | None = None) -> None:
     """Rewrite the ``__metadata__`` of a safetensors file another tool wrote (GPTQModel), every tensor's
-    bytes unchanged (copied file to file), checked by the library, then renamed over the original."""
+    bytes unchanged (copied file to file), checked by the library, then renamed over the original.
+    ``f32_to`` (a safetensors dtype code) casts the float32 tensors to it on the way (GPTQ calibrated
+    in float32 on the CPU: its unquantized weights go back to the source's dtype)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.restamp")
     with SafetensorsFile(path) as f:
         refs = list(f.refs.values())
-        shard = Shard(tmp.name, [OutTensor(r, r.dtype) for r in refs])
+        out_dtype = {r.name: f32_to if f32_to and r.dtype == "F32" else r.dtype for r in refs}
+        shard = Shard(tmp.name, [OutTensor(r, out_dtype[r.name]) for r in refs])
         writer = ShardWriter(tmp, shard, metadata)
         written: dict[str, str] = {}
         try:
             for r in refs:
                 with f.open(r) as t:
-                    data = tensor_bytes(t)
+                    same = out_dtype[r.name] == r.dtype
+                    data = tensor_bytes(t if same else t.to(dtypes.to_torch(out_dtype[r.name])))
                     written[r.name] = hashing.write_digest(data)
-                    writer.write(r.name, data, f.raw_range(r))
+                    writer.write(r.name, data, f.raw_range(r) if same else None)
             writer.finish(metadata)
             verify_output(tmp.parent, [shard], written, metadata)
         except BaseException:
