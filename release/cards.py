@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from release.agreement import card_license_fields, check_embedded_licenses
 from release.atomic import atomic_file
 from release.datafiles import data_file, project_folder
 from release.errors import BadInputError, CheckFailedError
@@ -277,12 +278,7 @@ def kl_comparison(folder: Path, rows: list[dict[str, Any]]) -> str | None:
 
 
 def front_matter(meta: ReleaseMetadata, decision: LicenseDecision, kind: str, parent_repo: str) -> dict[str, Any]:
-    fm: dict[str, Any] = {}
-    info = license_info(decision.weights_license or "")
-    if info.get("hf_id"):
-        fm["license"] = info["hf_id"]
-    else:
-        fm.update(license="other", license_name=decision.weights_license, license_link=info["link"])
+    fm: dict[str, Any] = card_license_fields(decision.weights_license)
     if kind == "model":
         bases = [
             repo_id(b.repo_url, b.name if not b.organization else f"{b.organization}/{b.name}")
@@ -357,6 +353,8 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
     meta, folders = release_folders(release_dir, metadata_file)
     decision = decide(meta)
     decision.raise_for_violations()
+    for folder, _ in folders:  # before any card is written: a card must not relicense the files
+        check_embedded_licenses(folder, decision.weights_license)
     main = next((p for p, k in folders if k == "model"), None)
     name = meta.name or (main.name if main else release_dir.name)
     main_repo = repo_id(meta.repo_url, name)

@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 
 from release import TOOL_NAME, __version__
+from release.agreement import REFERENCE, check_agreement, gguf_header_string
 from release.atomic import atomic_file
 from release.cards import folder_kind, release_folders, repo_id
 from release.datafiles import data_file
@@ -24,11 +25,10 @@ from release.hashing import origin_hash, sha256_file
 from release.licensing import decide
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
-from release.safetensors_header import folder_metadata, parse_safetensors_header
+from release.safetensors_header import folder_metadata
 
 MANIFEST = "release-manifest.json"
 SIGNATURE = "release.sig"
-REFERENCE = "reference-logits.safetensors"
 SCHEMA_ID = "model-release/release-manifest/v1"
 # Files that describe the folder rather than belong to it.
 NOT_LISTED = {MANIFEST, SIGNATURE, ".gitattributes"}
@@ -115,7 +115,7 @@ def write_manifest(
     if reference is not None:
         shutil.copyfile(reference, folder / REFERENCE)
     decision = decide(meta)
-    check_embedded_licenses(folder, decision.weights_license)
+    check_agreement(folder, decision.weights_license)  # files and card carry the decided license
     name = meta.name or folder.name
     main_repo = repo_id(meta.repo_url, name)
     variants: dict[str, Any] = {}
@@ -169,48 +169,6 @@ def write_manifest(
     with atomic_file(folder / MANIFEST, force=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
-
-
-def gguf_header_string(path: Path, key: str) -> str | None:
-    """A string key of a GGUF file, read from its header: found by its exact length-prefixed name
-    and string type (``general.license.name`` has another length), in the first MB, where the
-    general.* keys and our model_release.* keys sit before the vocabulary. GGUFReader would parse
-    the whole vocabulary (seconds per file) to answer the same."""
-    name = key.encode()
-    marker = len(name).to_bytes(8, "little") + name + (8).to_bytes(4, "little")  # 8: GGUF string
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    at = head.find(marker)
-    if not head.startswith(b"GGUF") or at < 0:
-        return None
-    start = at + len(marker)
-    n = int.from_bytes(head[start : start + 8], "little")
-    return head[start + 8 : start + 8 + n].decode("utf-8", errors="replace")
-
-
-def gguf_license(path: Path) -> str | None:
-    """``general.license`` of a GGUF file (see gguf_header_string)."""
-    return gguf_header_string(path, "general.license")
-
-
-def check_embedded_licenses(folder: Path, weights_license: str | None) -> None:
-    """Every artefact that records a license (GGUF ``general.license``, safetensors and GPTQ
-    shards' ``__metadata__``) must record the release's decision: a folder whose files say
-    apache-2.0 beside a LICENSE that says llama2 is refused, naming the file and both licenses."""
-    if not weights_license:
-        return
-    for p in sorted(Path(folder).rglob("*")):
-        if p.suffix == ".gguf":
-            embedded = gguf_license(p)
-        elif p.suffix == ".safetensors" and p.name != REFERENCE:
-            embedded = (parse_safetensors_header(p)[1].get("__metadata__") or {}).get("license")
-        else:
-            continue
-        if embedded and embedded != weights_license:
-            raise CheckFailedError(
-                f"{p}: its embedded license is {embedded!r}, but the release's weights are under "
-                f"{weights_license!r}; rebuild it with the release's metadata"
-            )
 
 
 def _gguf_provenance(folder: Path) -> dict[str, str]:

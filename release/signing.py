@@ -79,9 +79,10 @@ def sign_folder(folder: Path, *, private_key: Path | None = None, sigstore: bool
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise BadInputError(f"{folder}: no {MANIFEST}; run `model-release manifest` first")
-    from release.manifest import check_embedded_licenses, load_manifest
+    from release.agreement import check_agreement
+    from release.manifest import load_manifest
 
-    check_embedded_licenses(folder, (load_manifest(folder / MANIFEST).get("licenses") or {}).get("weights"))
+    check_agreement(folder, (load_manifest(folder / MANIFEST).get("licenses") or {}).get("weights"))
     config = signing.Config().set_hashing_config(_hashing_config(folder))
     if sigstore:
         config = config.use_sigstore_signer()

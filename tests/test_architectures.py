@@ -227,7 +227,7 @@ def test_olmo2_release_builds_end_to_end(built, cli, tmp_path):
     assert {f["path"] for f in manifest["files"]} >= {"Tiny-OLMo2-demo-Q8_0.gguf", "Tiny-OLMo2-demo.imatrix"}
     q4 = dist / "Tiny-OLMo2-demo-GGUF" / "Tiny-OLMo2-demo-Q4_K_M.gguf"
     assert gguf.GGUFReader(q4).get_field("general.architecture").contents() == "olmo2"
-    from release.manifest import gguf_license
+    from release.agreement import gguf_license
 
     assert gguf_license(q4) == "apache-2.0"  # what manifest checked: llama.cpp's file keeps the key up front
     assert "olmo2" in (dist / "Tiny-OLMo2-demo" / "README.md").read_text().lower()

@@ -310,14 +310,23 @@ def test_custom_license_is_shipped_hashed_and_named_on_the_hub(tmp_path, tiny, c
 
 
 def test_artefacts_whose_embedded_license_disagrees_are_refused(tmp_path, tiny, cli):
-    """A folder built under apache-2.0, then carded as llama2: its weights still say apache-2.0.
-    manifest refuses it naming the file and both licenses (and so do sign and publish)."""
+    """A folder built under apache-2.0 cannot be re-carded as llama2 (`card --metadata`): its
+    weights still say apache-2.0. manifest refuses such files naming the file and both licenses,
+    and so do sign and publish (a manifest forged to agree with the card does not help)."""
     root = release_dir(tmp_path, tiny, {**SMOL, "repo_url": "https://huggingface.co/example/SmolLM2-mini"})
     assert cli("card", root).exit_code == 0 and cli("manifest", root).exit_code == 0
     signed_before = json.loads((root / "model" / "release-manifest.json").read_text())
-    (root / "release.yaml").write_text(yaml.safe_dump({**MEDITRON, "name": "SmolLM2-mini"}))
+    card_before = (root / "model" / "README.md").read_bytes()
+    relicensed = tmp_path / "relicensed.yaml"
+    relicensed.write_text(yaml.safe_dump({**MEDITRON, "name": "SmolLM2-mini"}))
+    r = cli("card", root, "--metadata", relicensed)
+    assert r.exit_code == 1 and len(r.error_lines) == 1, r.stderr
+    line = r.error_lines[0]
+    assert "model.safetensors" in line and "'apache-2.0'" in line and "'llama2'" in line
+    assert (root / "model" / "README.md").read_bytes() == card_before  # no card was written
+    # The release file itself relicensed: manifest refuses the files.
+    (root / "release.yaml").write_text(relicensed.read_text())
     (root / "model" / "release-manifest.json").unlink()
-    assert cli("card", root).exit_code == 0  # the card and LICENSE now say llama2
     r = cli("manifest", root)
     assert r.exit_code == 1
     line = r.error_lines[-1]
@@ -332,9 +341,40 @@ def test_artefacts_whose_embedded_license_disagrees_are_refused(tmp_path, tiny, 
         sign_folder(root / "model", private_key=priv)
 
 
+def test_a_card_that_disagrees_is_not_sealed_or_published(tmp_path, tiny, cli):
+    """Weights and release file say apache-2.0; the card (edited, or left from another release
+    file) says llama2: manifest, sign and publish each refuse it in one line naming the card."""
+    root = release_dir(tmp_path, tiny, {**SMOL, "repo_url": "https://huggingface.co/example/SmolLM2-mini"})
+    assert cli("card", root).exit_code == 0 and cli("manifest", root).exit_code == 0
+    from release.signing import keygen, sign_folder
+
+    priv, _ = keygen(tmp_path / "keys")
+    sign_folder(root / "model", private_key=priv)
+    card = root / "model" / "README.md"
+    text = card.read_text()
+    assert "\nlicense: apache-2.0\n" in text
+    card.write_text(text.replace("\nlicense: apache-2.0\n", "\nlicense: llama2\n", 1))
+    wrong = r"README\.md: the card says license 'llama2', but the release's weights are under 'apache-2\.0'"
+    r = cli("manifest", root)
+    assert r.exit_code == 1 and len(r.error_lines) == 1 and re.search(wrong, r.error_lines[0]), r.stderr
+    with pytest.raises(CheckFailedError, match=wrong):
+        sign_folder(root / "model", private_key=priv)
+    # A manifest that lists this card (written before the check, or by hand) is still refused by publish.
+    manifest = json.loads((root / "model" / "release-manifest.json").read_text())
+    entry = next(f for f in manifest["files"] if f["path"] == "README.md")
+    entry.update(sha256=sha256(card), size=card.stat().st_size)
+    (root / "model" / "release-manifest.json").write_text(json.dumps(manifest))
+    (root / "model" / "release.sig").unlink()
+    r = cli("publish", root, "--endpoint", f"local:{tmp_path / 'hub'}", "--allow-unsigned")
+    assert r.exit_code == 1 and len(r.error_lines) == 1 and re.search(wrong, r.error_lines[0]), r.stderr
+    assert not (tmp_path / "hub").exists() or not list((tmp_path / "hub").rglob("*.safetensors"))
+    card.write_text(text)  # the card put back: sealed again
+    assert cli("manifest", root).exit_code == 0
+
+
 def test_gguf_embedded_license_is_read_from_the_header(tmp_path, tiny, smollm2):
+    from release.agreement import check_embedded_licenses, gguf_license
     from release.formats.gguf import write_gguf
-    from release.manifest import check_embedded_licenses, gguf_license
 
     src, _, _ = tiny("st-single", vocab_size=49152)
     for name in ("tokenizer.json", "tokenizer_config.json"):

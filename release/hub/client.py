@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from release.agreement import check_agreement
 from release.cards import folder_kind, release_folders
 from release.errors import BadInputError, CheckFailedError, MissingExtraError, ReleaseError
 from release.extras import missing_extra
@@ -32,7 +33,6 @@ from release.manifest import (
     MANIFEST,
     NOT_LISTED,
     SIGNATURE,
-    check_embedded_licenses,
     check_files,
     listed_files,
     load_manifest,
@@ -213,7 +213,7 @@ def publish(
             raise BadInputError(f"{folder}: no {MANIFEST}; run `model-release manifest` (and `sign`) first")
         manifest = load_manifest(folder / MANIFEST)
         check_files(folder, manifest)  # never publish a folder that no longer matches its manifest
-        check_embedded_licenses(folder, weights_license)  # nor one whose files disagree
+        check_agreement(folder, weights_license)  # nor one whose files or card disagree
         for needed in ("README.md", "LICENSE"):
             if not (folder / needed).is_file():
                 raise BadInputError(f"{folder}: no {needed}; run `model-release card` first")
