@@ -297,6 +297,9 @@ class Demo:
     pub: Path
 
 
+_DEMO_PATHS = ("rf", "base", "dist", "dir", "priv", "pub")  # the Demo fields that are paths
+
+
 @pytest.fixture(scope="session")
 def demo_release(smollm2, tmp_path_factory) -> Demo:
     """The SmolLM2 demo release with every variant family (safetensors; GGUF Q8_0 and Q4_K_M, the
@@ -316,11 +319,11 @@ def demo_release(smollm2, tmp_path_factory) -> Demo:
         seconds = time.monotonic() - started
         assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
         out = json.loads(b.stdout)
-        paths = {"rf": rf, "base": base, "dist": base / "dist", "dir": out["release_dir"], "priv": priv, "pub": pub}
+        paths = dict(zip(_DEMO_PATHS, (rf, base, base / "dist", out["release_dir"], priv, pub), strict=True))
         return {**{k: str(v) for k, v in paths.items()}, "out": out, "stderr": b.stderr, "seconds": seconds}
 
-    d = once_per_run(tmp_path_factory, "demo", make)
-    return Demo(**{k: Path(v) if k in ("rf", "base", "dist", "dir", "priv", "pub") else v for k, v in d.items()})
+    d = once_per_run(tmp_path_factory, "demo", make)  # JSON: the paths come back as strings
+    return Demo(**{k: Path(v) if k in _DEMO_PATHS else v for k, v in d.items()})
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from release import __version__, hashing
+from release import __version__, dtypes, hashing
 from release.atomic import atomic_dir, check_target
 from release.calibration import Calibration, build_calibration
 from release.capture import capture_fd, tail
@@ -283,9 +283,7 @@ def quantize(
             shards = sorted(tmp.glob("*.safetensors"))
             if not shards:
                 raise CheckFailedError("GPTQModel wrote no safetensors weights")
-            f32_to = _source_dtype(src) if device == "cpu" else None  # see _load_dtype
-            if f32_to:
-                _config_dtype(tmp / "config.json", src)
+            f32_to = _back_to_source_dtype(src, tmp / "config.json") if device == "cpu" else None  # see _load_dtype
             reporter.start("stamping provenance into the weights", len(shards), unit="files")
             for shard in shards:
                 restamp(shard, stamp, f32_to=f32_to)
@@ -321,27 +319,26 @@ def _load_dtype(device: str) -> dict[str, Any]:
     """On the CPU, calibrate in float32. GPTQModel 7.7 picks bfloat16 for every CPU, but a CPU without
     bfloat16 hardware (AVX2 only: no AVX512-BF16 or AMX) multiplies bfloat16 matrices about 6x slower
     than float32 (measured here: a 256x576 by 576x1536 product, 40 ms against 6.4 ms), and the
-    calibration forward passes are most of GPTQ's time: SmolLM2 took 252 s in bfloat16, 110 s in
-    float32. float32 is also the same on every CPU, so a CPU build reproduces on another CPU. The
+    calibration forward passes are most of GPTQ's time: SmolLM2 took 252 s in bfloat16, 114 s in
+    float32 (both on 2 threads). float32 is also the same on every CPU, so a CPU build reproduces on another CPU. The
     weights GPTQ does not quantize go back to the source's dtype when the shards are stamped."""
     return {"dtype": torch.float32} if device == "cpu" else {}
 
 
-def _config_dtype(path: Path, src: Path) -> None:
-    """The written config.json names the source's dtype again (GPTQModel wrote the float32 it ran in)."""
+def _back_to_source_dtype(src: Path, written_config: Path) -> str | None:
+    """When the source is 16-bit: name its dtype again in the written config.json (GPTQModel wrote
+    the float32 it ran in) and return its safetensors code, for the shards' float32 tensors."""
     src_cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    name = str(src_cfg.get("torch_dtype") or src_cfg.get("dtype") or "").removeprefix("torch.")
+    code = {v: k for k, v in dtypes.CONFIG_DTYPE_NAMES.items()}.get(name)
+    if code not in ("BF16", "F16"):
+        return None
+    cfg = json.loads(written_config.read_text(encoding="utf-8"))
     for key in ("dtype", "torch_dtype"):
         if key in cfg:
-            cfg[key] = src_cfg.get("dtype") or src_cfg.get("torch_dtype")
-    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-
-
-def _source_dtype(src: Path) -> str | None:
-    """The safetensors code of the source's dtype (config.json), when it is a 16-bit one to go back to."""
-    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "").removeprefix("torch.")
-    return {"bfloat16": "BF16", "float16": "F16"}.get(name)
+            cfg[key] = name
+    written_config.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return code
 
 
 def _run_gptqmodel(
