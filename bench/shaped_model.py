@@ -6,14 +6,16 @@ copied from a real model folder (the SmolLM2 fixture's by default), so every com
 Memory: one shard of at most --shard-gb is built and written at a time (`safetensors.torch.save_file`
 needs a shard whole), never the model.
 
-    python bench/shaped_model.py llama2-7b OUT [--layers N] [--tokenizer DIR] [--device cpu|cuda]
+    python bench/shaped_model.py llama2-7b OUT [--layers N] [--tokenizer DIR] [--device cpu|cuda] [--headers-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ def make(
     device: str = "cpu",
     shard_gb: float = 4.0,
     seed: int = 0,
+    headers_only: bool = False,
 ) -> Path:
     import torch
     from safetensors.torch import save_file
@@ -60,53 +63,49 @@ def make(
     def rand(*dims: int) -> torch.Tensor:
         return (torch.randn(*dims, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
 
-    def ones(n: int) -> torch.Tensor:
+    def ones(n: int) -> torch.Tensor:  # norms
         return torch.ones(n, dtype=torch.bfloat16)
 
-    def tensors():  # name -> thunk, in file order
-        yield "model.embed_tokens.weight", lambda: rand(vocab, s["hidden"])
+    def tensors():  # (name, shape, filled with), in file order
+        yield "model.embed_tokens.weight", (vocab, s["hidden"]), rand
         for i in range(n_layers):
             p = f"model.layers.{i}."
-            yield p + "input_layernorm.weight", lambda: ones(s["hidden"])
-            yield p + "self_attn.q_proj.weight", lambda: rand(s["heads"] * hd, s["hidden"])
-            yield p + "self_attn.k_proj.weight", lambda: rand(s["kv"] * hd, s["hidden"])
-            yield p + "self_attn.v_proj.weight", lambda: rand(s["kv"] * hd, s["hidden"])
-            yield p + "self_attn.o_proj.weight", lambda: rand(s["hidden"], s["heads"] * hd)
-            yield p + "post_attention_layernorm.weight", lambda: ones(s["hidden"])
-            yield p + "mlp.gate_proj.weight", lambda: rand(s["inter"], s["hidden"])
-            yield p + "mlp.up_proj.weight", lambda: rand(s["inter"], s["hidden"])
-            yield p + "mlp.down_proj.weight", lambda: rand(s["hidden"], s["inter"])
-        yield "model.norm.weight", lambda: ones(s["hidden"])
+            yield p + "input_layernorm.weight", (s["hidden"],), ones
+            yield p + "self_attn.q_proj.weight", (s["heads"] * hd, s["hidden"]), rand
+            yield p + "self_attn.k_proj.weight", (s["kv"] * hd, s["hidden"]), rand
+            yield p + "self_attn.v_proj.weight", (s["kv"] * hd, s["hidden"]), rand
+            yield p + "self_attn.o_proj.weight", (s["hidden"], s["heads"] * hd), rand
+            yield p + "post_attention_layernorm.weight", (s["hidden"],), ones
+            yield p + "mlp.gate_proj.weight", (s["inter"], s["hidden"]), rand
+            yield p + "mlp.up_proj.weight", (s["inter"], s["hidden"]), rand
+            yield p + "mlp.down_proj.weight", (s["hidden"], s["inter"]), rand
+        yield "model.norm.weight", (s["hidden"],), ones
         if not s.get("tied"):
-            yield "lm_head.weight", lambda: rand(vocab, s["hidden"])
+            yield "lm_head.weight", (vocab, s["hidden"]), rand
 
     limit = int(shard_gb * (1 << 30))
     size = 0
     # Plan shards from shapes first (file names need the count), then fill them one at a time.
-    plan: list[list[tuple[str, object]]] = [[]]
-    sizes = {
-        "embed_tokens": vocab * s["hidden"], "lm_head": vocab * s["hidden"], "norm": s["hidden"],
-        "layernorm": s["hidden"], "q_proj": s["heads"] * hd * s["hidden"], "k_proj": s["kv"] * hd * s["hidden"],
-        "v_proj": s["kv"] * hd * s["hidden"], "o_proj": s["hidden"] * s["heads"] * hd,
-        "gate_proj": s["inter"] * s["hidden"], "up_proj": s["inter"] * s["hidden"],
-        "down_proj": s["hidden"] * s["inter"],
-    }  # fmt: skip
-    for name, thunk in tensors():
-        n = 2 * next(v for k, v in sizes.items() if k in name)
+    plan: list[list[tuple[str, tuple[int, ...], object]]] = [[]]
+    for name, shape, fill in tensors():
+        n = 2 * math.prod(shape)
         if size + n > limit and plan[-1]:
             plan.append([])
             size = 0
-        plan[-1].append((name, thunk))
+        plan[-1].append((name, shape, fill))
         size += n
     weight_map = {}
     total = 0
     for i, items in enumerate(plan, 1):
         fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors" if len(plan) > 1 else "model.safetensors"
-        shard = {name: thunk() for name, thunk in items}
-        total += sum(t.numel() * 2 for t in shard.values())
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-        del shard
+        if headers_only:
+            total += _sparse_shard(out / fname, [(name, shape) for name, shape, _ in items])
+        else:
+            shard = {name: fill(*shape) for name, shape, fill in items}
+            total += sum(t.numel() * 2 for t in shard.values())
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            del shard
+        weight_map.update({name: fname for name, _, _ in items})
     if len(plan) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -124,6 +123,25 @@ def make(
     return out
 
 
+def _sparse_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]]) -> int:
+    """A bf16 safetensors file with these tensors' header and no data: a sparse file of the full size
+    (0 bytes on disk). Enough for everything that reads headers only (``build --dry-run``'s plan, the
+    estimates); the safetensors library writes no file without its data, hence by hand (its format:
+    an 8-byte little-endian header length, the JSON header padded with spaces to 8 bytes, the data)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        n = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(body)) + body)
+        f.truncate(8 + len(body) + offset)
+    return offset
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shape", choices=sorted(SHAPES))
@@ -132,9 +150,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shard-gb", type=float, default=4.0)
+    ap.add_argument("--headers-only", action="store_true", help="sparse files: tensor headers, no data")
     a = ap.parse_args()
     t0 = time.monotonic()
-    make(a.shape, a.out, layers=a.layers, tokenizer=a.tokenizer, device=a.device, shard_gb=a.shard_gb)
+    make(a.shape, a.out, layers=a.layers, tokenizer=a.tokenizer, device=a.device, shard_gb=a.shard_gb,
+         headers_only=a.headers_only)  # fmt: skip
     print(f"{a.out}: {a.shape} written in {time.monotonic() - t0:.0f} s")
 
 

@@ -116,6 +116,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     layers: int
+    dtype: str = "F32"  # the stored dtype of most parameters (safetensors code)
 
     @property
     def fp32_bytes(self) -> int:
@@ -146,7 +147,9 @@ def plan_shape(plan: TensorPlan) -> ModelShape:
     values: dict[str, Any] = plan.architecture.values
     per_layer: dict[str, int] = {}
     head = 0
+    by_dtype: dict[str, int] = {}
     for ref in plan.tensors:
+        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + ref.numel
         parts = ref.name.split(".")
         if "layers" in parts:
             i = parts.index("layers")
@@ -164,6 +167,7 @@ def plan_shape(plan: TensorPlan) -> ModelShape:
         intermediate=int(values.get("intermediate_size") or 4 * int(values["hidden_size"])),
         vocab=int(values["vocab_size"]),
         layers=plan.architecture.num_layers,
+        dtype=max(by_dtype, key=by_dtype.__getitem__, default="F32"),
     )
 
 
@@ -217,14 +221,11 @@ def convert_need(shape: ModelShape, out_itemsize: int) -> Need:
     return Need(ram=PY_BASE + 3 * shape.largest_tensor_params * 4, disk=shape.parameters * out_itemsize)
 
 
-def gguf_need(shape: ModelShape, bpw: float, via: str) -> Need:
+def gguf_need(shape: ModelShape, bpw: float) -> Need:
     """The direct writer holds the largest tensor in float32 and gguf's block arrays; llama.cpp's
-    quantizer streams from a lossless intermediate (on disk beside the output until it is done)."""
+    quantizer streams from the build's one lossless intermediate (its own step, its own disk)."""
     ram = PY_BASE + int(2.5 * shape.largest_tensor_params * 4)
-    disk = int(shape.parameters * bpw / 8)
-    if via == "llama.cpp":
-        disk += shape.stored_bytes
-    return Need(ram=ram, disk=disk)
+    return Need(ram=ram, disk=int(shape.parameters * bpw / 8))
 
 
 def llama_cpp_validate_need(shape: ModelShape, n_ctx: int = 2048) -> Need:

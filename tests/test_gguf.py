@@ -507,6 +507,54 @@ def test_several_types_read_the_source_once(tiny, smollm2, tmp_path, monkeypatch
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"tiny-{t}.gguf" for t in types)
 
 
+@pytest.mark.real_model
+def test_a_kquant_from_a_given_intermediate_is_the_same_file(written, smollm2, tmp_path, monkeypatch):
+    """A build quantizes its k-quant types from one shared lossless GGUF (--intermediate): the result
+    is the file the one-type run makes from its own intermediate, byte for byte, and no source tensor
+    is read for it."""
+    from release.checkpoint import Checkpoint
+
+    _, out = written
+    opened: list[str] = []
+    real_open = Checkpoint.open
+    monkeypatch.setattr(Checkpoint, "open", lambda self, ref: opened.append(ref.name) or real_open(self, ref))
+    imatrix = str(out / "SmolLM2-135M-Instruct.imatrix")
+    got = write_gguf(smollm2.hf, tmp_path, ["Q4_K_M"], metadata=META, imatrix=imatrix,
+                     intermediate=out / "SmolLM2-135M-Instruct-BF16.gguf")  # fmt: skip
+    name = "SmolLM2-135M-Instruct-Q4_K_M.gguf"
+    assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+    assert opened == [] and got.source_checkpoint_hash.startswith("blake3:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # the intermediate is not copied or removed
+
+
+@pytest.mark.real_model
+def test_a_wrong_intermediate_is_refused(tiny, smollm2, cli, tmp_path):
+    """Not this source's lossless type, other tensors, or other metadata (llama.cpp copies its keys into
+    every output): one line, exit 2, nothing written."""
+    src, _, _ = tiny("st-single", vocab_size=49152)
+    _with_tokenizer(src, smollm2)
+    made = tmp_path / "made"
+    r = cli("gguf", src, "-o", made, "-t", "BF16", "-t", "F16", "--name", "m", "--version", "1.0")
+    assert r.exit_code == 0, r.stderr
+    other, _, _ = tiny("st-sharded", vocab_size=49152, num_hidden_layers=3)
+    _with_tokenizer(other, smollm2)
+    assert cli("gguf", other, "-o", made / "o", "-t", "BF16", "--name", "m", "--version", "1.0").exit_code == 0
+    cases = {
+        "m-F16.gguf": ("1.0", "is not BF16, the lossless type of this source"),
+        "o/m-BF16.gguf": ("1.0", "holds other tensors than this source"),
+        "m-BF16.gguf": ("2.0", "was written with general.version='1.0', this run says '2.0'"),
+    }
+    for inter, (version, says) in cases.items():
+        out = tmp_path / "out"
+        r = cli("gguf", src, "-o", out, "-t", "Q4_K_M", "--imatrix", "none", "--name", "m", "--version", version,
+                "--intermediate", made / inter)  # fmt: skip
+        assert r.exit_code == 2 and says in r.error_lines[0], (inter, r.stderr)
+        assert not out.exists()
+    r = cli("gguf", src, "-o", tmp_path / "ok", "-t", "Q4_K_M", "--imatrix", "none", "--name", "m", "--version", "1.0",
+            "--intermediate", made / "m-BF16.gguf")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_ggml_quantizer_gives_the_gguf_packages_bytes(smollm2, qtype):
     """The writer quantizes through ggml's C ``ggml_quantize_chunk`` (threaded); the bytes must be

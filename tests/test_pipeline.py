@@ -101,6 +101,30 @@ def test_rerun_after_success_does_nothing(full, cli):
 
 
 @pytest.mark.real_model
+def test_dry_run_prints_each_steps_needs_and_fate_and_writes_nothing(full, cli, tmp_path):
+    """`build --dry-run`: on the built release every step is up to date (the removed shared intermediate
+    is not needed); on a new folder every step would run; each with its needs; nothing written."""
+    dist = full["base"] / "dist"
+    files = {p: p.stat().st_mtime_ns for p in dist.rglob("*")}
+    r = cli("build", full["rf"], "-o", dist, "--key", full["priv"], "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    fate = {s["name"]: s["status"] for s in plan["steps"]}
+    assert plan["dry_run"] and list(fate) == [s["name"] for s in full["out"]["steps"]]
+    assert fate.pop("lossless-gguf") == "not needed" and set(fate.values()) == {"up to date"}
+    steps = {s["name"]: s for s in plan["steps"]}
+    assert steps["gguf-Q4_K_M"]["after"] == ["convert", "imatrix", "lossless-gguf"]
+    assert all(s["ram"] > 0 and s["threads"] == plan["threads"] for s in plan["steps"])
+    assert steps["convert"]["disk"] > steps["gguf-Q4_K_M"]["disk"] > 0
+    assert {p: p.stat().st_mtime_ns for p in dist.rglob("*")} == files  # nothing written or touched
+
+    r = cli("build", full["rf"], "-o", tmp_path / "new", "--key", full["priv"], "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert {s["status"] for s in json.loads(r.stdout)["steps"]} == {"to run"}  # the intermediate too
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.real_model
 def test_killed_during_gguf_resumes_to_the_same_outputs(full, cli, tmp_path):
     # The importance matrix is the full build's, given as a file (no imatrix step here): Q4_K_M
     # must then come out byte for byte as in the uninterrupted build.
@@ -140,7 +164,9 @@ def test_killed_during_gguf_resumes_to_the_same_outputs(full, cli, tmp_path):
     r, res = _build(cli, rf, out, "--jobs", 2)
     assert r.exit_code == 0, r.stdout + r.stderr
     ran = {s["name"] for s in res["steps"] if s["status"] == "done"}
-    assert ran == {"gguf-Q6_K", "validate-gguf-Q6_K", "card", "manifest"}
+    # The shared lossless GGUF went once Q4_K_M was made; Q6_K needs it, so it is written again (not the source).
+    assert ran == {"lossless-gguf", "gguf-Q6_K", "validate-gguf-Q6_K", "card", "manifest"}
+    assert not (dist / ".work" / "lossless-gguf").exists()
     assert not list(gguf_dir.glob("*Q4_K_M*")) and (gguf_dir / f"{NAME}-Q6_K.gguf").is_file()
     manifest = json.loads((gguf_dir / "release-manifest.json").read_text())
     assert set(manifest["variants"]) == {"Q8_0", "Q6_K"}
@@ -238,6 +264,39 @@ def test_imatrix_setting_plans_a_collecting_step_a_given_file_or_none(smollm2, t
         plan(imatrix=str(tmp_path / "missing.imatrix"))
 
 
+@pytest.mark.real_model
+def test_kquant_steps_share_one_lossless_intermediate(smollm2, tmp_path):
+    """Every llama.cpp type reads one lossless GGUF per build: the release's own BF16 variant when it
+    ships one as a single file (SmolLM2 is bf16), else a temporary file under .work written by its own
+    step and counted once in the disk plan; direct types read the main folder."""
+    from release.pipeline import load_release_file, plan_build
+    from release.pipeline.plan import LOSSLESS_STEP
+
+    def plan(*types: str, **extra: object) -> dict:
+        gguf = {"types": list(types), "imatrix": "none", **extra}
+        rf = load_release_file(_release_file(tmp_path / "release.yaml", gguf=gguf))
+        return {s.name: s for s in plan_build(rf, tmp_path / "dist", only={"gguf"}).steps}
+
+    dist = tmp_path / "dist" / f"{NAME}-1.0"
+    steps = plan("Q4_K_M", "Q3_K_M", "Q8_0")
+    inter = dist / ".work" / LOSSLESS_STEP / f"{NAME}-BF16.gguf"
+    lossless = steps[LOSSLESS_STEP]
+    assert lossless.temporary and lossless.argv[lossless.argv.index("-t") + 1] == "BF16"
+    for t in ("Q4_K_M", "Q3_K_M"):
+        argv = steps[f"gguf-{t}"].argv
+        assert argv[argv.index("--intermediate") + 1] == str(inter) and LOSSLESS_STEP in steps[f"gguf-{t}"].deps
+    assert "--intermediate" not in steps["gguf-Q8_0"].argv and LOSSLESS_STEP not in steps["gguf-Q8_0"].deps
+    # Counted once: the k-quant steps' disk is their own output's.
+    assert steps["gguf-Q4_K_M"].need.disk < lossless.need.disk / 3
+
+    shipped = plan("Q4_K_M", "BF16")
+    assert LOSSLESS_STEP not in shipped and "gguf-BF16" in shipped["gguf-Q4_K_M"].deps
+    argv = shipped["gguf-Q4_K_M"].argv
+    assert argv[argv.index("--intermediate") + 1] == str(dist / f"{NAME}-GGUF" / f"{NAME}-BF16.gguf")
+    # F16 is not lossless for bf16 weights; a split BF16 set is not one file: both keep the temporary one.
+    assert LOSSLESS_STEP in plan("Q4_K_M", "F16") and LOSSLESS_STEP in plan("Q4_K_M", "BF16", split_max_size="1GB")
+
+
 def test_an_interrupted_build_stops_its_running_steps(tmp_path):
     """Ctrl-C or SIGTERM to `build` (raised as KeyboardInterrupt in it) ends the steps it runs, with
     SIGTERM first so that each removes its own temporary output: none outlives the build."""
@@ -266,3 +325,53 @@ def test_an_interrupted_build_stops_its_running_steps(tmp_path):
     for pid in started_pids:  # reaped, not left as orphans or zombies
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _counting_step(tmp_path: Path, name: str, deps: list[str], *, temporary: bool = False, fail: bool = False):
+    """A step that appends its name to runs.log, reads its deps' files and writes NAME.out."""
+    from release.pipeline.steps import Step
+    from release.resources import Need
+
+    out = tmp_path / "out" / f"{name}.out"
+    reads = [str(tmp_path / "out" / f"{d}.out") for d in deps]
+    code = (f"import sys; open({str(tmp_path / 'runs.log')!r}, 'a').write({name!r} + '\\n'); "
+            f"[open(r).read() for r in {reads!r}]; "
+            f"sys.exit(1) if {fail} else open({str(out)!r}, 'w').write('x')")  # fmt: skip
+    return Step(name, "gguf", [sys.executable, "-c", code], {"fail": fail}, deps, lambda: [out], Need(ram=1),
+                temporary=temporary)  # fmt: skip
+
+
+def test_a_temporary_step_runs_only_when_a_reader_must_and_goes_when_all_have_succeeded(tmp_path):
+    """The shared lossless GGUF's life in a build: written once for the steps that read it, removed
+    once they have all succeeded (kept when one failed, so that the rerun reuses it), and not written
+    again when every reader is up to date; a changed reader has it written again, first."""
+    from release.pipeline.local import LocalExecutor
+    from release.pipeline.records import Records
+    from release.pipeline.schedule import run_plan
+    from release.pipeline.steps import Plan
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "logs").mkdir()
+    runs = tmp_path / "runs.log"
+    inter = tmp_path / "out" / "inter.out"
+
+    def run(b_fails: bool = False, a_deps: tuple[str, ...] = ("inter",)) -> dict:
+        steps = [_counting_step(tmp_path, "inter", [], temporary=True), _counting_step(tmp_path, "a", list(a_deps)),
+                 _counting_step(tmp_path, "b", ["inter"], fail=b_fails)]  # fmt: skip
+        runs.write_text("")
+        results = run_plan(Plan(tmp_path, steps, []), Records(tmp_path), LocalExecutor(), logs=tmp_path / "logs",
+                           jobs=2, budget=1 << 40)  # fmt: skip
+        return {n: (r.status, runs.read_text().split().count(n)) for n, r in results.items()}
+
+    # First build: b fails, so the intermediate stays for the rerun.
+    assert run(b_fails=True) == {"inter": ("done", 1), "a": ("done", 1), "b": ("failed", 1)}
+    assert inter.is_file()
+    # Rerun: the intermediate is up to date (not written again), b runs, then it goes.
+    assert run() == {"inter": ("skipped", 0), "a": ("skipped", 0), "b": ("done", 1)}
+    assert not inter.exists()
+    # Nothing changed: every reader is up to date, so the removed intermediate is not made again.
+    assert run() == {"inter": ("skipped", 0), "a": ("skipped", 0), "b": ("skipped", 0)}
+    assert not inter.exists()
+    # a's inputs change (here its deps): it must run, so the intermediate is written first, then removed.
+    assert run(a_deps=("inter", "b")) == {"inter": ("done", 1), "a": ("done", 1), "b": ("skipped", 0)}
+    assert not inter.exists()

@@ -84,6 +84,12 @@ def gguf_command(
     calibration: Path | None = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
     device: str = typer.Option("cpu", "--device", help="torch device for collecting the imatrix (cpu, cuda)."),
     forward: str = typer.Option("auto", "--forward", help=FORWARD_HELP),
+    intermediate: Path | None = typer.Option(
+        None,
+        "--intermediate",
+        help="Quantize the llama.cpp types from this lossless GGUF (this source's F16/BF16/F32 file, written "
+        "with the same metadata) instead of writing one: a build shares one among its k-quant steps.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf weights instead of failing."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -117,6 +123,7 @@ def gguf_command(
             calibration=calibration,
             device=device,
             forward=forward,
+            intermediate=intermediate,
             reporter=rep,
         )
 

@@ -4,7 +4,8 @@ One pass over the source writes every requested "direct" type at once (F32, F16,
 legacy block quants, converted with the ``gguf`` package's numpy quantizers); each source tensor
 is read once, converted for every output, written, and dropped. The k-quant mixes (Q4_K_M, ...)
 are made by llama.cpp's own quantizer (``llama_cpp.llama_model_quantize``) from a lossless
-intermediate written in that same pass (BF16 for a bf16 source), never by re-reading the source.
+intermediate written in that same pass (BF16 for a bf16 source), never by re-reading the source,
+or from one given (``--intermediate``: a build writes it once for all its k-quant steps).
 
 Tensor names come from ``gguf.TensorNameMap``; per-tensor type rules and the Q/K row permutation
 follow llama.cpp's ``convert_hf_to_gguf`` so that files match the reference converter's.
@@ -406,6 +407,7 @@ def write_gguf(
     calibration: Path | None = None,
     device: str = "cpu",
     forward: str = "auto",
+    intermediate: Path | None = None,
     reporter: Reporter = NULL,
 ) -> GGUFResult:
     """Write ``<name>-<TYPE>.gguf`` into ``out_dir`` for every requested type; with
@@ -415,7 +417,11 @@ def write_gguf(
     ``imatrix`` applies to the types llama.cpp quantizes (k-quants, IQ): ``auto`` collects an
     importance matrix from the source on ``calibration`` (built-in medical text by default) and
     writes it beside the variants as ``<name>.imatrix``; a path uses that file; ``none`` uses none
-    (the types that need one are then refused)."""
+    (the types that need one are then refused).
+
+    ``intermediate``: the lossless GGUF the llama.cpp types are quantized from, already written (a
+    build writes it once for all its k-quant and IQ steps, or ships it as its F16/BF16 variant);
+    checked against the source's tensors and this run's metadata, and left in place."""
     started = time.monotonic()
     wanted = resolve_types(types)
     src = Path(src)
@@ -454,7 +460,10 @@ def write_gguf(
             _check_imatrix(im, tensors, Path(imatrix))
         inter_name = _lossless_type(tensors)
         known = gguf_types()
-        need_inter = bool(kquants) and known[inter_name] not in direct
+        given_hash = None
+        if intermediate is not None and kquants:
+            given_hash = _check_intermediate(Path(intermediate), known[inter_name], plan, meta)
+        need_inter = bool(kquants) and known[inter_name] not in direct and intermediate is None
         created = not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
         with (
@@ -463,17 +472,16 @@ def write_gguf(
         ):
             tmp = Path(tmpdir)
             try:
-                files, source_hash = _write_direct(
-                    ckpt,
-                    plan,
-                    vocab,
-                    meta,
-                    direct + ([known[inter_name]] if need_inter else []),
-                    tmp,
-                    allow_nonfinite=allow_nonfinite,
-                    reporter=reporter,
-                    warnings=warnings,
-                )
+                files: dict[str, GGUFFile] = {}
+                source_hash = given_hash or ""
+                if direct or need_inter:  # else every type comes from the given intermediate: no source read
+                    files, source_hash = _write_direct(ckpt, plan, vocab, meta,
+                                                       direct + ([known[inter_name]] if need_inter else []), tmp,
+                                                       allow_nonfinite=allow_nonfinite, reporter=reporter,
+                                                       warnings=warnings)  # fmt: skip
+                    if given_hash and source_hash != given_hash:
+                        raise BadInputError(f"--intermediate {Path(intermediate).name} was made from other weights "
+                                            "than the source")  # fmt: skip
                 if im_mode == "auto":  # after the pass that refuses NaN weights with the tensor's name
                     im = imatrix_fmt.collect(src, calibration=calibration, device=device, forward=forward,
                                              reporter=reporter, warnings=warnings)  # fmt: skip
@@ -482,11 +490,11 @@ def write_gguf(
                 outputs: list[GGUFOutput] = []
                 for t in direct:
                     outputs.append(_check_direct(files[t.name], t, tensors))
-                inter = files.get(inter_name)
+                inter = Path(intermediate) if given_hash else files[inter_name].path if kquants else None
                 for t in kquants:
                     assert inter is not None
                     out = tmp / f"{t.name}.gguf"
-                    outputs.append(_quantize_llama_cpp(inter.path, out, t, tensors, reporter, im, im_file))
+                    outputs.append(_quantize_llama_cpp(inter, out, t, tensors, reporter, im, im_file))
                 for o in outputs:
                     final = targets[o.type]
                     made = split_gguf(tmp / o.file, split_max_size) if split_max_size else [tmp / o.file]
@@ -519,6 +527,41 @@ def write_gguf(
         seconds=round(time.monotonic() - started, 3),
         imatrix=_imatrix_summary(im, im_file, im_target if im_mode == "auto" else Path(imatrix)),
     )
+
+
+def _check_intermediate(path: Path, want: GGUFType, plan: GGUFPlan, meta: ReleaseMetadata) -> str:
+    """Refuse an intermediate that is not this source's lossless GGUF with this run's metadata (llama.cpp's
+    quantizer copies its keys into every output); return the source hash it records."""
+    if not path.is_file():
+        raise BadInputError(f"--intermediate {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise BadInputError(f"--intermediate {path} is not a readable GGUF file ({exc})") from None
+    fields = reader.fields
+
+    def value(key: str) -> Any:
+        return fields[key].contents() if key in fields else None
+
+    if value("general.file_type") != want.file_type.value:
+        raise BadInputError(f"--intermediate {path.name} is not {want.name}, the lossless type of this source")
+    have = {rt.name: int(rt.n_elements) for rt in reader.tensors}
+    expected = {pt.name: int(np.prod(pt.ref.shape)) for pt in plan.tensors}
+    if have != expected:
+        diff = sorted(set(have) ^ set(expected)) or sorted(k for k in have if have[k] != expected[k])
+        raise BadInputError(f"--intermediate {path.name} holds other tensors than this source (first: {diff[0]})")
+    w = gguf.GGUFWriter(path=None, arch=plan.arch.spec["gguf"]["arch"])
+    meta.to_gguf().set_gguf_meta_model(w)
+    for k, v in meta.gguf_provenance().items():
+        w.add_string(k, v)
+    for k, kv in w.kv_data[0].items():
+        got = value(k)
+        if k != "model_release.source_checkpoint_hash" and got != kv.value:
+            raise BadInputError(f"--intermediate {path.name} was written with {k}={got!r}, this run says {kv.value!r}")
+    recorded = value("model_release.source_checkpoint_hash")
+    if not recorded:
+        raise BadInputError(f"--intermediate {path.name} records no source checkpoint hash (not model-release's)")
+    return str(recorded)
 
 
 def _imatrix_summary(im: imatrix_fmt.IMatrix | None, file: str, path: Path) -> dict[str, Any] | None:

@@ -4,9 +4,11 @@ The pipeline is the flow of the single commands, each step one ``model-release``
 its own process (so memory is returned after each step, steps run in parallel with ``--jobs``, and
 a crash or ``kill -9`` takes down one step, not the build):
 
-    check -> convert -> gguf-<TYPE>... -+-> validate-<variant>... -> card -> manifest -> sign
-          -> reference ---------------- |
-          -> gptq ----------------------+
+    check -> convert -> gguf-<TYPE>... ------------------+-> validate-<variant>... -> card -> manifest -> sign
+                     -> lossless-gguf -> gguf-<K-QUANT>... |
+          -> imatrix -----------------^                    |
+          -> reference ------------------------------------|
+          -> gptq -----------------------------------------+
 
 Every step records, in ``DIST/.steps/<step>.json`` (written atomically after the step succeeds),
 the hash of its inputs (its settings plus the fingerprints of what it consumed) and the size and
@@ -22,9 +24,14 @@ The rooms, in the order a build walks them:
 - ``plan``: release file -> steps, one planner per family, and the up-front fit check;
 - ``records``: the per-step records that make a rerun skip what is done;
 - ``schedule``: the executor-neutral loop (dependencies, skips, blocking, the memory budget);
-- ``local``: the executor that runs a step as a local process (``--jobs N``); another executor
-  (a cluster's) implements the same two calls, ``start`` and ``poll``;
-- ``build``: the whole of ``model-release build``, and the final table's rows.
+- ``local``: the executor that runs a step as a local process (``--jobs N``);
+- ``ray_executor``: the executor that runs a step as a Ray task on a cluster's node (``--executor
+  ray``): the same calls, ``start``, ``poll`` and ``stop``, plus the node fit and shared-storage checks;
+- ``build``: the whole of ``model-release build``, ``--dry-run``'s preview, and the final table's rows.
+
+The k-quant and IQ steps read one lossless GGUF per build (``lossless-gguf``, a temporary step: run
+only when one of its readers must run, removed when all have succeeded; or the release's own
+F16/BF16 variant).
 """
 
 from release.pipeline.build import BuildResult, build

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ class Finished:
     exit_code: int  # negative: killed by that signal
     output: dict[str, Any]  # the command's --json summary ({} when it printed none)
     peak_rss_bytes: int
-    where: str = "local"  # the machine it ran on (a cluster executor names the node)
+    where: str = ""  # the machine it ran on (a cluster executor names the node)
 
 
 class Executor(Protocol):
@@ -56,7 +57,7 @@ class LocalExecutor:
         with open(log, "w", encoding="utf-8") as err:
             proc = subprocess.Popen(
                 [*step.argv, "--json"], stdout=subprocess.PIPE, stderr=None if self.verbose else err, text=True,
-                env={**os.environ, **step.env},
+                env={**os.environ, **step.env, "OMP_NUM_THREADS": str(step.threads)},
             )  # fmt: skip
         return _Running(proc)
 
@@ -77,7 +78,7 @@ class LocalExecutor:
         if exit_peak is None:
             return None
         out, _ = proc.communicate()
-        return Finished(proc.returncode, parse_summary(out), handle.peak or exit_peak)
+        return Finished(proc.returncode, parse_summary(out), handle.peak or exit_peak, socket.gethostname())
 
 
 def parse_summary(out: str) -> dict[str, Any]:
@@ -104,7 +105,10 @@ def reap(proc: subprocess.Popen) -> int | None:
 
 def failure_message(code: int, data: Any, log: Path, seconds: float, peak: int) -> str:
     """One line that says why a step failed: its own error, or the signal that killed it (the
-    OOM killer's SIGKILL), never the last line of some library's warning."""
+    OOM killer's SIGKILL), never the last line of some library's warning. An executor that lost the
+    step (a cluster's node gone) says so in ``data["message"]``; a killed local step printed nothing."""
+    if isinstance(data, dict) and data.get("message"):
+        return str(data["message"])
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -112,8 +116,6 @@ def failure_message(code: int, data: Any, log: Path, seconds: float, peak: int) 
             name = "?"
         why = " (out of memory?)" if -code == signal.SIGKILL else ""
         return f"killed by signal {-code} ({name}){why} after {seconds:.0f} s; peak {fmt(peak)}"
-    if isinstance(data, dict) and data.get("message"):
-        return str(data["message"])
     try:
         lines = [x.strip() for x in log.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
     except OSError:

@@ -15,6 +15,7 @@ from typing import Any
 
 from release import resources as res
 from release.architectures import resolve
+from release.choices import CAST_CHOICES
 from release.datafiles import data_file
 from release.errors import BadInputError
 from release.formats.gguf_names import variant_files
@@ -61,14 +62,24 @@ class _Context:
 
 
 def plan_build(
-    rf: ReleaseFile, dist_root: Path, *, only: set[str] | None = None, device: str = "auto", key: Path | None = None
+    rf: ReleaseFile,
+    dist_root: Path,
+    *,
+    only: set[str] | None = None,
+    device: str = "auto",
+    key: Path | None = None,
+    threads: int | None = None,
+    cuda: bool | None = None,
 ) -> Plan:
-    """The steps for this release file (not yet run)."""
+    """The steps for this release file (not yet run). ``threads``: every step's OMP_NUM_THREADS
+    (default: this machine's, ``resources.cpu_threads``), the same whichever executor runs it, so a
+    step's bytes do not depend on the machine that ran it (float sums follow the thread split).
+    ``cuda``: whether the steps' machines have CUDA (a cluster's nodes; default: this machine)."""
     src = rf.source()
     shape = res.model_shape(src)
     evaluation = rf.section("evaluation")
     tokens = min(int(evaluation.get("max_tokens", 512)), 512)  # the built-in prompts are shorter than 512
-    ref_device = "cuda" if device in ("cuda", "auto") and _has_cuda() else "cpu"
+    ref_device = "cuda" if device in ("cuda", "auto") and (_has_cuda() if cuda is None else cuda) else "cpu"
     forward = _forward_mode(shape, tokens, ref_device)
     dist = Path(dist_root).absolute() / f"{rf.name}-{rf.version}"
     ctx = _Context(rf, dist, src, shape, [sys.executable, "-m", "release.cli"],
@@ -88,6 +99,7 @@ def plan_build(
         steps += _release_steps(ctx, variants, key)
     for step in steps:  # card, manifest and sign hash each file once between them
         step.env[HASH_CACHE_ENV] = str(dist / WORK_DIR / "sha256.json")
+        step.threads = threads or res.cpu_threads()
     return Plan(dist, steps, variants)
 
 
@@ -132,7 +144,8 @@ def _reference_settings(ctx: _Context) -> dict[str, Any]:
 
 
 def _gguf(ctx: _Context, steps: list[Step], variants: list[dict[str, Any]]) -> None:
-    """One step per GGUF type, after the importance matrix when a llama.cpp type needs one."""
+    """One step per GGUF type; the llama.cpp types after the importance matrix and the build's one
+    lossless intermediate they are all quantized from."""
     rf = ctx.rf
     gg = rf.section("variants").get("gguf") or {}
     known = {k.upper(): v for k, v in data_file("gguf", "types.json")["types"].items()}
@@ -140,6 +153,7 @@ def _gguf(ctx: _Context, steps: list[Step], variants: list[dict[str, Any]]) -> N
     imatrix, collect = _imatrix_plan(ctx, gg, types, known)
     if collect is not None:
         steps.append(collect)
+    lossless = _lossless(ctx, gg, types, known, steps)
     split = gg.get("split_max_size")
     for t in types:
         out = ctx.gguf_dir / f"{rf.name}-{t}.gguf"
@@ -150,12 +164,41 @@ def _gguf(ctx: _Context, steps: list[Step], variants: list[dict[str, Any]]) -> N
         spec = known.get(t.upper(), {"bpw": 16, "via": "gguf"})
         deps, settings = ["convert"], {"meta": rf.data["release"]}
         if spec["via"] == "llama.cpp":
+            assert lossless is not None
+            args += ["--intermediate", str(lossless[1])]
             args += ["--imatrix", imatrix["file"] if imatrix is not None else "none"]
             deps += [collect.name] if collect is not None else []
+            deps.append(lossless[0])
             settings["imatrix"] = imatrix
         steps.append(Step(f"gguf-{t}", "gguf", args, settings, deps, lambda o=out: variant_files(o),
-                          res.gguf_need(ctx.shape, spec["bpw"], spec["via"])))  # fmt: skip
+                          res.gguf_need(ctx.shape, spec["bpw"])))  # fmt: skip
         variants.append({"name": t, "family": "gguf", "path": out, "after": f"gguf-{t}"})
+
+
+LOSSLESS_STEP = "lossless-gguf"
+
+
+def _lossless(
+    ctx: _Context, gg: dict[str, Any], types: list[str], known: dict[str, Any], steps: list[Step]
+) -> tuple[str, Path] | None:
+    """(the step that writes it, its path): the lossless GGUF every llama.cpp type is quantized from,
+    written once per build instead of once per type (13.8 GB at 7B, 140 GB at 70B, each). It is the
+    release's own F16/BF16/F32 variant when it ships one as a single file; otherwise a temporary file
+    under .work, removed once every step that reads it has succeeded."""
+    if not any(known.get(t.upper(), {}).get("via") == "llama.cpp" for t in types):
+        return None
+    cast = CAST_CHOICES.get(_dtype(ctx.rf)) or ctx.shape.dtype
+    lossless = cast if cast in ("BF16", "F16") else "F32"  # what formats/gguf.py's writer picks for it
+    shipped = {t.upper(): t for t in types}
+    if lossless in shipped and not gg.get("split_max_size"):
+        return f"gguf-{shipped[lossless]}", ctx.gguf_dir / f"{ctx.rf.name}-{shipped[lossless]}.gguf"
+    folder = ctx.dist / WORK_DIR / LOSSLESS_STEP
+    out = folder / f"{ctx.rf.name}-{lossless}.gguf"
+    args = [*ctx.cli, "gguf", str(ctx.main), "-o", str(folder), "-t", lossless, "--name", ctx.rf.name, "--force",
+            *ctx.meta_args]  # fmt: skip
+    steps.append(Step(LOSSLESS_STEP, "gguf", args, {"meta": ctx.rf.data["release"]}, ["convert"], lambda: [out],
+                      res.gguf_need(ctx.shape, known[lossless]["bpw"]), temporary=True))  # fmt: skip
+    return LOSSLESS_STEP, out
 
 
 def _imatrix_plan(
@@ -313,16 +356,24 @@ def _has_cuda() -> bool:
         return False
 
 
-def check_fits(plan: Plan, records: Records | None) -> None:
+def check_fits(plan: Plan, records: Records | None, nodes: list[Any] | None = None) -> None:
     """Refuse, before any heavy work, a plan one of whose steps cannot fit this machine (its RAM,
-    GPU memory, or the free disk the outputs still to write need), naming the step and the sizes."""
+    GPU memory, or the free disk the outputs still to write need), naming the step and the sizes.
+    With ``nodes`` (a cluster's, each with cpus, memory, gpus and ``describe()``), a step must fit
+    one node instead, and the refusal names the largest."""
     ram, gpu = res.mem_available(), None
     disk_needed = 0
+    built = {s.name for s in plan.steps if _built(s.name, records)}
     for step in plan.steps:
-        rec = records.load(step.name) if records is not None else None
-        if rec is not None and all(Path(f).is_file() for f, _, _ in rec["files"]):
+        if step.name in built:
             continue  # built before: its outputs are there, it will be skipped or redone in place
+        if step.temporary and all(s.name in built for s in plan.steps if step.name in s.deps):
+            continue  # removed after use, and nothing that reads it needs to run again
         need = step.need
+        disk_needed += need.disk
+        if nodes is not None:
+            _fits_a_node(step, nodes)
+            continue
         if need.ram > ram:
             hint = "free memory, build on a larger machine"
             hint += ", or use --device cuda" if step.family in ("reference", "gptq") else ""
@@ -333,10 +384,27 @@ def check_fits(plan: Plan, records: Records | None) -> None:
             if gpu is None or need.gpu > gpu:
                 have = "no CUDA device" if gpu is None else f"{fmt(gpu)} free"
                 raise BadInputError(f"{step.name} needs about {fmt(need.gpu)} of GPU memory; {have}")
-        disk_needed += need.disk
     free = res.disk_free(plan.dist)
     if disk_needed > free:
         raise BadInputError(
             f"the outputs still to write need about {fmt(disk_needed)} of disk; {fmt(free)} is free at {plan.dist}",
             hint="free space or build elsewhere (-o)",
         )
+
+
+def _built(step: str, records: Records | None) -> bool:
+    rec = records.load(step) if records is not None else None
+    return rec is not None and all(Path(f).is_file() for f, _, _ in rec["files"])
+
+
+def _fits_a_node(step: Step, nodes: list[Any]) -> None:
+    """A cluster step needs one node with its CPUs (its thread count), memory and, for CUDA, a GPU
+    (Ray counts GPUs, not their memory: the GPU memory estimate is checked by the step itself)."""
+    need, gpus = step.need, 1 if step.need.gpu else 0
+    if any(n.cpus >= step.threads and n.memory >= need.ram and n.gpus >= gpus for n in nodes):
+        return
+    largest = max(nodes, key=lambda n: (n.gpus >= gpus, n.memory, n.cpus), default=None)
+    wants = f"{step.threads} CPU(s) and about {fmt(need.ram)} of memory" + (" and a GPU" if gpus else "")
+    have = f"the largest node is {largest.describe()}" if largest else "the cluster has no alive node"
+    raise BadInputError(f"{step.name} needs {wants}; no node of the cluster has that: {have}",
+                        hint="add a larger node, or lower --threads")  # fmt: skip

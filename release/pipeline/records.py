@@ -31,9 +31,10 @@ def digest(obj: Any) -> str:
 
 
 class Records:
-    def __init__(self, dist: Path) -> None:
+    def __init__(self, dist: Path, *, create: bool = True) -> None:
         self.dir = dist / STEPS_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, step: str) -> Path:
         return self.dir / f"{step}.json"
@@ -56,9 +57,11 @@ class Records:
                 return None
         return rec
 
-    def save(self, step: str, inputs: str, files: list[list[Any]], output: dict[str, Any], seconds: float) -> None:
+    def save(
+        self, step: str, inputs: str, files: list[list[Any]], output: dict[str, Any], seconds: float, node: str = ""
+    ) -> None:
         rec = {"step": step, "inputs": inputs, "files": files, "output": output, "seconds": round(seconds, 2),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "node": node}  # fmt: skip
         with atomic_file(self.path(step), force=True) as tmp:
             tmp.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
 

@@ -8,6 +8,7 @@ so every executor behaves the same.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,42 @@ def _blocked_by(step: Step, results: dict[str, StepResult]) -> str | None:
     return f"{failed[0]} failed" if failed else None
 
 
+def step_inputs(step: Step, records: Records, temp_inputs: dict[str, str]) -> str:
+    """The digest a step's record must match to be skipped: its arguments, its settings and what it
+    consumed (a dependency's recorded files; a temporary one's inputs, its files being removed)."""
+    deps = {d: temp_inputs.get(d) or records.fingerprint(d) for d in step.deps}
+    return digest({"argv": step.digest_argv(), "settings": step.settings, "deps": deps})
+
+
+def preview(plan: Plan, records: Records) -> dict[str, str]:
+    """What ``run_plan`` would do with each step, running none: ``up to date``, ``to run`` (its record
+    does not match, or a step it consumes runs first), or, for a temporary step, ``not needed``."""
+    state: dict[str, str] = {}
+    temp_inputs: dict[str, str] = {}
+    pending = list(plan.steps)
+    while pending:
+        names = {p.name for p in pending}
+        ready = [s for s in pending if not any(d in names for d in s.deps)]
+        if not ready:  # a cycle cannot be planned; say so rather than loop
+            raise RuntimeError(f"steps wait on each other: {', '.join(sorted(names))}")
+        for step in ready:
+            pending.remove(step)
+            inputs = step_inputs(step, records, temp_inputs)
+            if step.temporary:
+                temp_inputs[step.name] = inputs
+            upstream = any(state.get(d) == "to run" for d in step.deps)
+            if not upstream and records.valid(step.name, inputs) is not None:
+                state[step.name] = "up to date"
+            elif step.temporary:
+                state[step.name] = "not needed"  # until a reader must run
+            else:
+                state[step.name] = "to run"
+                for d in step.deps:
+                    if state.get(d) == "not needed":
+                        state[d] = "to run"
+    return state
+
+
 def run_plan(
     plan: Plan,
     records: Records,
@@ -37,11 +74,27 @@ def run_plan(
     budget: int,
     on_event: Event = lambda *_: None,
 ) -> dict[str, StepResult]:
-    """Every step's result, by name. ``budget``: the memory the running steps may need together."""
+    """Every step's result, by name. ``budget``: the memory the running steps may need together.
+
+    A temporary step (``Step.temporary``: the shared lossless GGUF) waits, once its own inputs are
+    known, until a step that reads it must run; the steps that read it fingerprint its inputs, not its
+    files, so removing it after use (once every reader has succeeded) makes nothing stale."""
     results: dict[str, StepResult] = {}
     planned = {s.name for s in plan.steps}
+    readers = {s.name: [r.name for r in plan.steps if s.name in r.deps] for s in plan.steps if s.temporary}
     pending = list(plan.steps)
     running: dict[str, tuple[Any, Step, str, float]] = {}
+    on_demand: dict[str, tuple[Step, str]] = {}  # temporary steps not run (yet): nothing needed them
+    temp_inputs: dict[str, str] = {}
+
+    def has_room(step: Step) -> bool:
+        in_use = sum(s.memory for _, s, _, _ in running.values())
+        return len(running) < max(1, jobs) and (not running or in_use + step.memory <= budget)
+
+    def launch(step: Step, inputs: str) -> None:
+        on_event("start", step, None)
+        running[step.name] = (executor.start(step, logs / f"{step.name}.log"), step, inputs, time.monotonic())
+
     try:
         while pending or running:
             progressed = False
@@ -55,24 +108,33 @@ def run_plan(
                     on_event("blocked", step, results[step.name])
                     progressed = True
                     continue
-                inputs = digest({"argv": step.digest_argv(), "settings": step.settings,
-                                 "deps": {d: records.fingerprint(d) for d in step.deps}})  # fmt: skip
+                inputs = step_inputs(step, records, temp_inputs)
+                if step.temporary:
+                    temp_inputs[step.name] = inputs
                 rec = records.valid(step.name, inputs)
                 if rec is not None:
                     pending.remove(step)
                     code = int(rec["output"].get("exit_code", 0)) if isinstance(rec["output"], dict) else 0
-                    results[step.name] = StepResult(step.name, "skipped", 0.0, code, rec["output"])
+                    results[step.name] = StepResult(step.name, "skipped", 0.0, code, rec["output"],
+                                                    node=rec.get("node", ""))  # fmt: skip
                     on_event("skipped", step, results[step.name])
                     progressed = True
                     continue
-                in_use = sum(s.memory for _, s, _, _ in running.values())
-                if len(running) >= max(1, jobs) or (running and in_use + step.memory > budget):
+                if step.temporary:
+                    pending.remove(step)
+                    on_demand[step.name] = (step, inputs)
+                    progressed = True
                     continue
-                on_event("start", step, None)
-                handle = executor.start(step, logs / f"{step.name}.log")
-                running[step.name] = (handle, step, inputs, time.monotonic())
-                pending.remove(step)
-                progressed = True
+                if needed := [d for d in step.deps if d in on_demand]:  # it must run: make what it reads first
+                    for d in needed:
+                        if has_room(on_demand[d][0]):
+                            launch(*on_demand.pop(d))
+                            progressed = True
+                    continue
+                if has_room(step):
+                    pending.remove(step)
+                    launch(step, inputs)
+                    progressed = True
             for name, (handle, step, inputs, t0) in list(running.items()):
                 done = executor.poll(handle)
                 if done is None:
@@ -83,18 +145,38 @@ def run_plan(
                 log = logs / f"{name}.log"
                 if done.exit_code in step.ok_codes:
                     data = {**done.output, "exit_code": done.exit_code}
-                    records.save(name, inputs, fingerprint(step.outputs()), data, seconds)
+                    records.save(name, inputs, fingerprint(step.outputs()), data, seconds, done.where)
                     results[name] = StepResult(name, "done", seconds, done.exit_code, data, "", done.peak_rss_bytes,
-                                               str(log))  # fmt: skip
+                                               str(log), done.where)  # fmt: skip
                 else:
                     message = failure_message(done.exit_code, done.output, log, seconds, done.peak_rss_bytes)
                     results[name] = StepResult(name, "failed", seconds, done.exit_code, done.output, message,
-                                               done.peak_rss_bytes, str(log))  # fmt: skip
+                                               done.peak_rss_bytes, str(log), done.where)  # fmt: skip
                 on_event("finish", step, results[name])
+            _remove_used(plan, readers, results, on_event)
             if not progressed:
                 time.sleep(0.05)
     except BaseException:  # Ctrl-C, or SIGTERM raised as KeyboardInterrupt: no step outlives the build
         for handle, *_ in running.values():
             executor.stop(handle)
         raise
+    for name, (step, _) in on_demand.items():
+        results[name] = StepResult(name, "skipped", message="not needed: every step that reads it is up to date")
+        on_event("skipped", step, results[name])
     return results
+
+
+def _remove_used(plan: Plan, readers: dict[str, list[str]], results: dict[str, StepResult], on_event: Event) -> None:
+    """Remove a temporary step's outputs once every step that reads them has succeeded (kept when one
+    failed, so that the rerun does not write them again)."""
+    for step in plan.steps:
+        r = results.get(step.name)
+        if step.name not in readers or r is None or r.status not in ("done", "skipped") or r.output.get("removed"):
+            continue
+        if all(results.get(u) is not None and results[u].status in ("done", "skipped") for u in readers[step.name]):
+            for f in step.outputs():
+                Path(f).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    Path(f).parent.rmdir()  # its own folder, if nothing else is in it
+            r.output = {**r.output, "removed": True}
+            on_event("removed", step, r)

@@ -24,6 +24,10 @@ class Step:
     need: Need  # estimated peak RAM / GPU memory / disk, for the up-front fit check and --jobs
     ok_codes: tuple[int, ...] = (0,)  # validate: 1 (a failed check) is a result, not a crash
     env: dict[str, str] = field(default_factory=dict)  # set for its process (the build's hash cache)
+    threads: int = 1  # its OMP_NUM_THREADS, whatever runs it (and a Ray task's CPU request)
+    # Its outputs are only inputs of later steps (the shared lossless GGUF): run only when one of them
+    # must run, removed when all of them have succeeded; they fingerprint its inputs, not its files.
+    temporary: bool = False
 
     @property
     def memory(self) -> int:
@@ -54,6 +58,7 @@ class StepResult:
     message: str = ""
     peak_rss_bytes: int = 0  # of the step's process (wait4), 0 when it did not run
     log: str = ""  # its stderr, kept under DIST/.work/logs
+    node: str = ""  # the machine it ran on (this one's host name, or a Ray node host/id)
 
 
 @dataclass
