@@ -18,6 +18,7 @@ import jsonschema
 from release import TOOL_NAME, __version__
 from release.agreement import REFERENCE, check_agreement, gguf_header_string
 from release.atomic import atomic_file
+from release.bom import BOM, make_bom, write_bom
 from release.cards import folder_kind, release_folders, repo_id
 from release.datafiles import data_file
 from release.errors import BadInputError, CheckFailedError
@@ -134,7 +135,7 @@ def write_manifest(
     else:
         v = _folder_variant(folder, kind)
         variants[v] = _validation_summary(folder / "validation.json")
-    listed = listed_files(folder)
+    listed = [p for p in listed_files(folder) if p.relative_to(folder).as_posix() != BOM]  # written below
     reporter.start(f"hashing {folder.name}", sum(p.stat().st_size for p in listed))
     for p in listed:
         rel = p.relative_to(folder).as_posix()
@@ -150,12 +151,17 @@ def write_manifest(
         reporter.advance(p.stat().st_size)
     reporter.done()
     recorded = folder_metadata(folder) if kind != "gguf" else _gguf_provenance(folder)
+    repo = main_repo if kind == "model" else f"{main_repo}-{kind.upper()}"
+    bom = write_bom(folder, make_bom(folder, meta, kind, repo, decision.weights_license, variants, files,
+                                     origin_hash(recorded)))  # fmt: skip
+    files.append({"path": BOM, "size": bom.stat().st_size, "sha256": sha256_file(bom), "format": "json",
+                  "variant": None})  # fmt: skip
     manifest = {
         "schema": SCHEMA_ID,
         "name": name,
         "version": meta.version,
         "kind": kind,
-        "repo_id": main_repo if kind == "model" else f"{main_repo}-{kind.upper()}",
+        "repo_id": repo,
         "tool": {"name": TOOL_NAME, "version": __version__},
         "licenses": {"weights": decision.weights_license, "code": decision.code_license},
         "source_checkpoint_hash": origin_hash(recorded),

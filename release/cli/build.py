@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -9,6 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from release.cli._output import JSON_HELP, QUIET_HELP, human_bytes, print_json, run, stderr, stdout
+
+ExecutorName = Enum("ExecutorName", {k: k for k in ("local", "ray")}, type=str)  # release/pipeline/build.py
 
 
 def build_command(
@@ -27,8 +30,8 @@ def build_command(
         help="Independent steps run at once (local: default 1, within free memory; ray: default as many as "
         "the cluster has CPUs for, Ray placing each by its memory, GPU and CPU needs).",
     ),
-    executor: str = typer.Option(
-        "local",
+    executor: ExecutorName = typer.Option(
+        ExecutorName.local,
         "--executor",
         help="Where steps run: local (child processes of this one) or ray (tasks on the Ray cluster at "
         "RAY_ADDRESS, else `ray.init('auto')`; the output folder must be on storage every node mounts; "
@@ -77,7 +80,7 @@ def build_command(
 
     families = {f.strip() for f in only.split(",") if f.strip()} if only else None
     if dry_run:
-        _dry_run(release_file, dist, families, device, key, executor, threads, as_json, quiet)
+        _dry_run(release_file, dist, families, device, key, executor.value, threads, as_json, quiet)
         return
 
     def event(kind: str, step: object, result: object) -> None:
@@ -99,7 +102,7 @@ def build_command(
             code = getattr(result, "exit_code", 0)
             mark = "[yellow]![/]" if code else "[green]ok[/]"
             peak = human_bytes(getattr(result, "peak_rss_bytes", 0))
-            on = f", on {result.node}" if executor != "local" and getattr(result, "node", "") else ""
+            on = f", on {result.node}" if executor != ExecutorName.local and getattr(result, "node", "") else ""
             stderr.print(f"{mark} {name} ({getattr(result, 'seconds', 0):.1f} s, peak {peak}{on})", highlight=False)
 
     result = run(
@@ -111,7 +114,7 @@ def build_command(
             device=device,
             key=key,
             verbose=verbose,
-            executor=executor,
+            executor=executor.value,
             threads=threads,
             on_event=event,
         ),

@@ -61,7 +61,7 @@ def build(
     check_fits(plan, Records(plan.dist) if (plan.dist / STEPS_DIR).is_dir() else None, _nodes(runner))
     if isinstance(runner, RayExecutor):
         runner.check_shared_storage(plan.dist)
-        at_once, budget = runner.capacity()
+        at_once, budget = runner.capacity(plan.steps[0].threads)
     else:
         at_once, budget = 1, mem_available()
     plan.dist.mkdir(parents=True, exist_ok=True)

@@ -181,11 +181,12 @@ class RayExecutor:
                             float(r.get("GPU", 0))))  # fmt: skip
         return out
 
-    def capacity(self) -> tuple[int, int]:
-        """(steps that can run at once, memory they may need together) across the cluster: the
-        scheduler hands Ray no more than it can start, so a step's time is its run, not its queue."""
+    def capacity(self, threads: int) -> tuple[int, int]:
+        """(steps of ``threads`` CPUs each that the nodes can run at once, the memory they may need
+        together): the scheduler hands Ray no more than it can start, so a step's time is its run,
+        not its queue."""
         nodes = self.nodes()
-        return max(1, int(sum(n.cpus for n in nodes))), sum(n.memory for n in nodes)
+        return max(1, sum(int(n.cpus // threads) for n in nodes)), sum(n.memory for n in nodes)
 
     def check_shared_storage(self, folder: Path, reader: Callable[[str], str] = _read_marker) -> None:
         """Refuse, before any step, a release folder some node cannot see: the driver writes a file
