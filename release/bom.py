@@ -27,7 +27,7 @@ from release.agreement import REFERENCE, gguf_header_string
 from release.atomic import atomic_file
 from release.cards import MEDICAL_ADVISORY
 from release.datafiles import data_file
-from release.errors import CheckFailedError
+from release.errors import BadInputError, CheckFailedError
 from release.licensing import license_info
 from release.metadata import ReleaseMetadata
 
@@ -48,7 +48,7 @@ def _license(license_id: str | None) -> list[dict[str, Any]]:
         return []
     try:
         info = license_info(license_id)
-    except Exception:  # a license the release file declares itself: no registry entry
+    except BadInputError:  # a license the release file declares itself: no registry entry
         return [{"license": {"name": f"LicenseRef-{license_id}"}}]
     url = {"url": info["link"]} if info.get("link") else {}
     if info.get("spdx"):
@@ -107,8 +107,8 @@ def make_bom(
              for b in meta.base_models if b.repo_url]  # fmt: skip
     version = {"version": meta.version} if meta.version else {}
     data = []
-    if any(f["path"] == REFERENCE for f in files):
-        ref = next(f for f in files if f["path"] == REFERENCE)
+    ref = next((f for f in files if f["path"] == REFERENCE), None)
+    if ref is not None:
         data.append({"bom-ref": "data:evaluation", "type": "data", "name": "evaluation: the source's reference logits",
                      "hashes": [{"alg": "SHA-256", "content": ref["sha256"]}],
                      "data": [{"type": "dataset", "name": "model-release evaluation prompts",
@@ -152,6 +152,7 @@ def make_bom(
     # The same files give the same serial number: the BOM is as reproducible as the release.
     seal = "".join(sorted(f["sha256"] for f in files))
     serial = uuid.uuid5(uuid.NAMESPACE_URL, f"https://huggingface.co/{repo}@{meta.version}#{seal}")
+    tools = _tools()
     return {
         "$schema": f"http://cyclonedx.org/schema/bom-{SPEC}.schema.json",
         "bomFormat": "CycloneDX",
@@ -159,7 +160,7 @@ def make_bom(
         "serialNumber": f"urn:uuid:{serial}",
         "version": 1,
         "metadata": {
-            "tools": {"components": _tools()},
+            "tools": {"components": tools},
             "component": {
                 "bom-ref": f"repo:{repo}",
                 "type": "machine-learning-model",
@@ -170,7 +171,7 @@ def make_bom(
             },
         },
         "components": [*components, *data, *shared],
-        "formulation": [{"bom-ref": "formulation", "components": _tools()}],
+        "formulation": [{"bom-ref": "formulation", "components": tools}],
     }
 
 

@@ -179,7 +179,7 @@ def test_a_folder_one_node_cannot_see_is_refused(cluster, tmp_path):
             return Path(path).read_text(encoding="utf-8")
 
         with pytest.raises(BadInputError) as err:
-            ex.check_shared_storage(tmp_path / "blind", reader)
+            ex.check_shared_storage(tmp_path / "blind", reader=reader)
         msg = str(err.value)
         assert f"not visible from node(s) {blind.name} (unreadable: No such file or directory)" in msg, msg
         assert ex.nodes()[0].name not in msg

@@ -40,7 +40,7 @@ from release.errors import BadInputError, CheckFailedError, os_error_to_release_
 from release.formats import gguf_quants
 from release.formats import gguf_rope as rope
 from release.formats import imatrix as imatrix_fmt
-from release.formats.gguf_names import tensor_name_map, variant_files
+from release.formats.gguf_names import lossless_type, tensor_name_map, variant_files
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
 from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
@@ -237,6 +237,13 @@ def _hparams(writer: gguf.GGUFWriter, arch: Architecture, plan_keys: dict[str, l
     rope.add_scaling_keys(writer, arch)
 
 
+def _release_keys(w: gguf.GGUFWriter, meta: ReleaseMetadata) -> None:
+    """The release's general.* keys and our model_release.* provenance keys."""
+    meta.to_gguf().set_gguf_meta_model(w)
+    for k, v in meta.gguf_provenance().items():
+        w.add_string(k, v)
+
+
 class GGUFFile:
     """One output file, streamed: header and tensor infos first (sizes are known from the plan),
     then tensor data in plan order. The source hash is a fixed-length placeholder in the header,
@@ -257,10 +264,7 @@ class GGUFFile:
         self.digests: dict[str, str] = {}
         self.offsets: dict[str, tuple[int, int]] = {}
         w = gguf.GGUFWriter(path=None, arch=arch.spec["gguf"]["arch"])
-        pending = meta.with_(source_checkpoint_hash=hashing.PLACEHOLDER_HASH)
-        pending.to_gguf().set_gguf_meta_model(w)
-        for k, v in pending.gguf_provenance().items():
-            w.add_string(k, v)
+        _release_keys(w, meta.with_(source_checkpoint_hash=hashing.PLACEHOLDER_HASH))
         _hparams(w, arch, plan.keys)
         w.add_file_type(gtype.file_type.value)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -389,8 +393,7 @@ def _lossless_type(tensors: list[PlannedTensor]) -> str:
     counts: Counter[str] = Counter()
     for pt in tensors:
         counts[pt.ref.dtype] += pt.ref.numel
-    dominant = counts.most_common(1)[0][0]
-    return dominant if dominant in ("BF16", "F16") else "F32"
+    return lossless_type(counts.most_common(1)[0][0])
 
 
 def write_gguf(
@@ -551,9 +554,7 @@ def _check_intermediate(path: Path, want: GGUFType, plan: GGUFPlan, meta: Releas
         diff = sorted(set(have) ^ set(expected)) or sorted(k for k in have if have[k] != expected[k])
         raise BadInputError(f"--intermediate {path.name} holds other tensors than this source (first: {diff[0]})")
     w = gguf.GGUFWriter(path=None, arch=plan.arch.spec["gguf"]["arch"])
-    meta.to_gguf().set_gguf_meta_model(w)
-    for k, v in meta.gguf_provenance().items():
-        w.add_string(k, v)
+    _release_keys(w, meta)  # what GGUFFile writes for this run
     for k, kv in w.kv_data[0].items():
         got = value(k)
         if k != "model_release.source_checkpoint_hash" and got != kv.value:

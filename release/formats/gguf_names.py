@@ -15,6 +15,13 @@ from release.errors import BadInputError
 if TYPE_CHECKING:
     from release.architectures import Architecture
 
+
+def lossless_type(dtype: str) -> str:
+    """The GGUF type that holds weights stored as ``dtype`` (a safetensors code) exactly: the
+    intermediate llama.cpp's quantizer reads (the writer and the build's planner must agree)."""
+    return dtype if dtype in ("BF16", "F16") else "F32"
+
+
 SPLIT_SUFFIX = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 

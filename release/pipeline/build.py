@@ -15,7 +15,7 @@ from release.errors import BadInputError
 from release.formats.gguf_names import set_name, variant_files
 from release.pipeline.local import Executor, LocalExecutor
 from release.pipeline.plan import LOSSLESS_STEP, check_fits, plan_build
-from release.pipeline.ray_executor import RayExecutor
+from release.pipeline.ray_executor import Node, RayExecutor
 from release.pipeline.records import STEPS_DIR, WORK_DIR, Records
 from release.pipeline.release_file import ReleaseFile, dist_copy, load_release_file
 from release.pipeline.schedule import preview, run_plan
@@ -57,11 +57,12 @@ def build(
     ``verbose``: steps' stderr (library warnings included) goes to the terminal instead of
     DIST/.work/logs/<step>.log."""
     started = time.monotonic()
-    rf, plan, kind, runner = _prepare(release_file, dist_root, only, device, key, executor, threads, verbose)
-    check_fits(plan, Records(plan.dist) if (plan.dist / STEPS_DIR).is_dir() else None, _nodes(runner))
+    rf, plan, kind, runner, nodes = _prepare(release_file, dist_root, only, device, key, executor, threads, verbose)
+    check_fits(plan, Records(plan.dist) if (plan.dist / STEPS_DIR).is_dir() else None, nodes)
     if isinstance(runner, RayExecutor):
-        runner.check_shared_storage(plan.dist)
-        at_once, budget = runner.capacity(plan.steps[0].threads)
+        assert nodes is not None
+        runner.check_shared_storage(plan.dist, nodes)
+        at_once, budget = runner.capacity(plan.steps[0].threads, nodes)
     else:
         at_once, budget = 1, mem_available()
     plan.dist.mkdir(parents=True, exist_ok=True)
@@ -128,11 +129,11 @@ def preview_build(
     """The build's plan without running or writing anything: for sizing a cluster's nodes (RAM, GPU,
     disk and threads per step) and seeing what a rerun would redo. A refusal of the fit check (a step
     too big for this machine or for every node) is reported with the plan, exit code 2."""
-    _, plan, kind, runner = _prepare(release_file, dist_root, only, device, key, executor, threads, False)
+    _, plan, kind, _, nodes = _prepare(release_file, dist_root, only, device, key, executor, threads, False)
     records = Records(plan.dist, create=False)
     refused = ""
     try:
-        check_fits(plan, records if records.dir.is_dir() else None, _nodes(runner))
+        check_fits(plan, records if records.dir.is_dir() else None, nodes)
     except BadInputError as exc:
         refused = exc.message + (f" ({exc.hint})" if exc.hint else "")
     fate = preview(plan, records)
@@ -151,23 +152,21 @@ def _prepare(
     executor: Executor | str | None,
     threads: int | None,
     verbose: bool,
-) -> tuple[ReleaseFile, Plan, str, Executor]:
-    """The release file read, planned, and its executor ready: bad input fails here, before any work."""
+) -> tuple[ReleaseFile, Plan, str, Executor, list[Node] | None]:
+    """The release file read, planned, and its executor ready (with a cluster's nodes): bad input fails
+    here, before any work."""
     rf = load_release_file(release_file)  # bad keys and license violations fail here, before heavy work
     if only is not None and (bad := only - set(FAMILIES)):
         raise BadInputError(f"--only takes {', '.join(FAMILIES)}; not {', '.join(sorted(bad))}")
     if threads is not None and threads < 1:
         raise BadInputError(f"--threads must be at least 1, not {threads}")
     kind, runner = _executor(executor, verbose)
-    nodes = _nodes(runner)  # on a cluster, CUDA steps are planned when a node has a GPU, not this machine
+    # A cluster's nodes, asked once: each step must fit one, and CUDA steps are planned when a node has
+    # a GPU, not this machine. None: steps must fit this machine.
+    nodes = runner.nodes() if isinstance(runner, RayExecutor) else None
     cuda = any(n.gpus > 0 for n in nodes) if nodes is not None else None
     plan = plan_build(rf, dist_root, only=only, device=device, key=key, threads=threads, cuda=cuda)
-    return rf, plan, kind, runner
-
-
-def _nodes(runner: Executor) -> list[Any] | None:
-    """A cluster's nodes (each step must fit one), or None: steps must fit this machine."""
-    return runner.nodes() if isinstance(runner, RayExecutor) else None
+    return rf, plan, kind, runner, nodes
 
 
 def _executor(executor: Executor | str | None, verbose: bool) -> tuple[str, Executor]:

@@ -18,7 +18,7 @@ from release.architectures import resolve
 from release.choices import CAST_CHOICES
 from release.datafiles import data_file
 from release.errors import BadInputError
-from release.formats.gguf_names import variant_files
+from release.formats.gguf_names import lossless_type, variant_files
 from release.hashing import HASH_CACHE_ENV
 from release.pipeline.records import WORK_DIR, Records, digest, fingerprint
 from release.pipeline.release_file import ReleaseFile
@@ -188,7 +188,7 @@ def _lossless(
     if not any(known.get(t.upper(), {}).get("via") == "llama.cpp" for t in types):
         return None
     cast = CAST_CHOICES.get(_dtype(ctx.rf)) or ctx.shape.dtype
-    lossless = cast if cast in ("BF16", "F16") else "F32"  # what formats/gguf.py's writer picks for it
+    lossless = lossless_type(cast)
     shipped = {t.upper(): t for t in types}
     if lossless in shipped and not gg.get("split_max_size"):
         return f"gguf-{shipped[lossless]}", ctx.gguf_dir / f"{ctx.rf.name}-{shipped[lossless]}.gguf"

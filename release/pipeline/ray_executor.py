@@ -181,14 +181,16 @@ class RayExecutor:
                             float(r.get("GPU", 0))))  # fmt: skip
         return out
 
-    def capacity(self, threads: int) -> tuple[int, int]:
+    @staticmethod
+    def capacity(threads: int, nodes: list[Node]) -> tuple[int, int]:
         """(steps of ``threads`` CPUs each that the nodes can run at once, the memory they may need
         together): the scheduler hands Ray no more than it can start, so a step's time is its run,
         not its queue."""
-        nodes = self.nodes()
         return max(1, sum(int(n.cpus // threads) for n in nodes)), sum(n.memory for n in nodes)
 
-    def check_shared_storage(self, folder: Path, reader: Callable[[str], str] = _read_marker) -> None:
+    def check_shared_storage(
+        self, folder: Path, nodes: list[Node] | None = None, reader: Callable[[str], str] = _read_marker
+    ) -> None:
         """Refuse, before any step, a release folder some node cannot see: the driver writes a file
         with a random token there and a task pinned to each node reads it back (with ``reader``)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -199,7 +201,7 @@ class RayExecutor:
         marker.write_text(token, encoding="utf-8")
         try:
             read = self.ray.remote(reader)
-            nodes = self.nodes()
+            nodes = self.nodes() if nodes is None else nodes
             refs = [
                 read.options(
                     num_cpus=_CHECK_CPUS, scheduling_strategy=NodeAffinitySchedulingStrategy(n.id, soft=False)
