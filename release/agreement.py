@@ -38,6 +38,21 @@ def gguf_header_string(path: Path, key: str) -> str | None:
     return head[start + 8 : start + 8 + n].decode("utf-8", errors="replace")
 
 
+def recorded_hashes(folder: Path, kind: str) -> dict[str, str]:
+    """The checkpoint hashes a folder's weights record: safetensors/GPTQ shards' ``__metadata__``, or
+    the first GGUF file's ``model_release.*`` keys (read from its header only)."""
+    if kind != "gguf":
+        from release.safetensors_header import folder_metadata
+
+        return folder_metadata(folder)
+    for g in sorted(Path(folder).glob("*.gguf")):
+        found = {
+            k: gguf_header_string(g, f"model_release.{k}") for k in ("source_checkpoint_hash", "origin_checkpoint_hash")
+        }
+        return {k: v for k, v in found.items() if v is not None}
+    return {}
+
+
 def gguf_license(path: Path) -> str | None:
     """``general.license`` of a GGUF file (see gguf_header_string)."""
     return gguf_header_string(path, "general.license")

@@ -55,17 +55,7 @@ def remove_stale_partials(target: Path) -> list[Path]:
     except OSError:
         return removed
     for p in siblings:
-        if not p.name.startswith(prefix):
-            continue
-        suffix = p.name[len(prefix) :]
-        parts = suffix.rsplit("-", 2)
-        if re.fullmatch(r"[0-9a-f]{8}", suffix):  # named before owners were recorded: by age only
-            try:
-                if time.time() - p.lstat().st_mtime < _OLD_UNOWNED:
-                    continue
-            except OSError:
-                continue
-        elif len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit() or _alive(int(parts[1])):
+        if not p.name.startswith(prefix) or not is_stale_partial(p):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -73,6 +63,20 @@ def remove_stale_partials(target: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def is_stale_partial(p: Path) -> bool:
+    """Whether a temporary ``.NAME.partial-HOST-PID-RANDOM`` belongs to a run that is gone: its
+    process on this host is not alive. One of another host (a shared filesystem) is never stale
+    here; one named the older way (no owner) is once it is a day old."""
+    suffix = p.name.rsplit(PARTIAL_MARK, 1)[-1]
+    if re.fullmatch(r"[0-9a-f]{8}", suffix):  # named before owners were recorded: by age only
+        try:
+            return time.time() - p.lstat().st_mtime >= _OLD_UNOWNED
+        except OSError:
+            return False
+    parts = suffix.rsplit("-", 2)
+    return len(parts) == 3 and parts[0] == _host() and parts[1].isdigit() and not _alive(int(parts[1]))
 
 
 def fsync_path(path: Path) -> None:

@@ -16,13 +16,12 @@ before the manifest, which lists and hashes it, so the signature covers it.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import uuid
 from pathlib import Path
 from typing import Any
 
-from release import TOOL_NAME, __version__
+from release import TOOL_NAME
 from release.agreement import REFERENCE, gguf_header_string
 from release.atomic import atomic_file
 from release.cards import MEDICAL_ADVISORY
@@ -30,6 +29,7 @@ from release.datafiles import data_file
 from release.errors import BadInputError, CheckFailedError
 from release.licensing import license_info
 from release.metadata import ReleaseMetadata
+from release.versions import library_versions
 
 BOM = "bom.cdx.json"
 SPEC = "1.6"
@@ -57,13 +57,9 @@ def _license(license_id: str | None) -> list[dict[str, Any]]:
 
 
 def _tools() -> list[dict[str, Any]]:
-    out = [{"type": "application", "name": TOOL_NAME, "version": __version__}]
-    for name in TOOLS:
-        try:
-            out.append({"type": "library", "name": name, "version": importlib.metadata.version(name)})
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
+    versions = library_versions(TOOLS)
+    return [{"type": "application" if name == TOOL_NAME else "library", "name": name, "version": v}
+            for name, v in versions.items()]  # fmt: skip
 
 
 def _architecture(folder: Path, kind: str) -> tuple[str, str]:

@@ -17,7 +17,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from release.agreement import card_license_fields, check_embedded_licenses
+from release import TOOL_NAME
+from release.agreement import card_license_fields, check_embedded_licenses, recorded_hashes
 from release.atomic import atomic_file
 from release.datafiles import data_file, project_folder
 from release.errors import BadInputError, CheckFailedError
@@ -345,6 +346,25 @@ class CardOutput:
     files: list[dict[str, Any]]
 
 
+# The libraries that make each kind of folder, named in its card's Provenance section.
+_MAKERS = {"model": ("torch", "transformers", "safetensors"), "gguf": ("gguf", "llama-cpp-python"),
+           "gptq": ("gptqmodel", "torch", "transformers")}  # fmt: skip
+
+
+def provenance_context(folder: Path, kind: str) -> dict[str, Any]:
+    """What a card's Provenance section says: the source checkpoint's hash (as the weights record it)
+    and the versions of the tools that make this kind of folder. The build record itself is written
+    later, by `sign`; the card says where it is and how to check it."""
+    from release.versions import library_versions, llama_cpp_commit
+
+    versions = library_versions()
+    tools = [f"{TOOL_NAME} {versions[TOOL_NAME]}"]
+    tools += [f"{n} {versions[n]}" for n in _MAKERS[kind] if n in versions]
+    if kind == "gguf" and (commit := llama_cpp_commit()):
+        tools.append(f"llama.cpp {commit}")
+    return {"source_checkpoint_hash": origin_hash(recorded_hashes(folder, kind)), "tools": ", ".join(tools)}
+
+
 def render_cards(release_dir: Path, *, metadata_file: Path | None = None, reporter: Reporter = NULL) -> dict[str, Any]:
     import jinja2
     from huggingface_hub import ModelCard
@@ -389,6 +409,7 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
             "tokenizer_note": tokenizer_note(rows),
             "license_section": license_section(decision, meta),
             "citation": meta.citation, "example_prompt": "What are the first-line treatments for hypertension?",
+            "provenance": provenance_context(folder, kind),
         }  # fmt: skip
         if kind == "model":
             w, c = license_info(decision.weights_license or ""), license_info(decision.code_license)

@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 
 from release import TOOL_NAME, __version__
-from release.agreement import REFERENCE, check_agreement, gguf_header_string
+from release.agreement import REFERENCE, check_agreement, recorded_hashes
 from release.atomic import atomic_file
 from release.bom import BOM, make_bom, write_bom
 from release.cards import folder_kind, release_folders, repo_id
@@ -26,13 +26,13 @@ from release.hashing import origin_hash, sha256_file
 from release.licensing import decide
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
-from release.safetensors_header import folder_metadata
 
 MANIFEST = "release-manifest.json"
 SIGNATURE = "release.sig"
+PROVENANCE = "provenance.intoto.jsonl"  # the signed build record (provenance.py), written by `sign`
 SCHEMA_ID = "model-release/release-manifest/v1"
 # Files that describe the folder rather than belong to it.
-NOT_LISTED = {MANIFEST, SIGNATURE, ".gitattributes"}
+NOT_LISTED = {MANIFEST, SIGNATURE, PROVENANCE, ".gitattributes"}
 _FORMATS = {".safetensors": "safetensors", ".gguf": "gguf", ".json": "json", ".md": "markdown", ".txt": "text",
             ".png": "png", ".jinja": "jinja", ".imatrix": "imatrix"}  # fmt: skip
 _DOCS = {"README.md", "LICENSE", "USE_POLICY.md", "NOTICE"}
@@ -150,7 +150,7 @@ def write_manifest(
         )
         reporter.advance(p.stat().st_size)
     reporter.done()
-    recorded = folder_metadata(folder) if kind != "gguf" else _gguf_provenance(folder)
+    recorded = recorded_hashes(folder, kind)
     repo = main_repo if kind == "model" else f"{main_repo}-{kind.upper()}"
     bom = write_bom(folder, make_bom(folder, meta, kind, repo, decision.weights_license, variants, files,
                                      origin_hash(recorded)))  # fmt: skip
@@ -175,16 +175,6 @@ def write_manifest(
     with atomic_file(folder / MANIFEST, force=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
-
-
-def _gguf_provenance(folder: Path) -> dict[str, str]:
-    """The checkpoint hashes our GGUF files record (read from the first file's header only)."""
-    for g in sorted(folder.glob("*.gguf")):
-        found = {
-            k: gguf_header_string(g, f"model_release.{k}") for k in ("source_checkpoint_hash", "origin_checkpoint_hash")
-        }
-        return {k: v for k, v in found.items() if v is not None}
-    return {}
 
 
 def write_manifests(release_dir: Path, *, reference: Path | None = None, reporter: Reporter = NULL) -> list[dict]:

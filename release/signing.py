@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from release.errors import BadInputError, CheckFailedError
-from release.manifest import MANIFEST, SIGNATURE
+from release.manifest import MANIFEST, PROVENANCE, SIGNATURE
 
 IGNORED = [SIGNATURE, ".cache", ".gitattributes"]  # .cache: huggingface_hub's local_dir bookkeeping
 
@@ -92,6 +92,12 @@ def sign_folder(folder: Path, *, private_key: Path | None = None, sigstore: bool
         config = config.use_elliptic_key_signer(private_key=private_key)
     else:
         raise BadInputError("pass --key PRIVATE_KEY (offline) or --sigstore (needs network and an identity)")
+    if sigstore:  # the build record is signed with the release's EC key only: no stale one left behind
+        (folder / PROVENANCE).unlink(missing_ok=True)
+    else:  # the build record, signed with the same key; release.sig then covers it
+        from release.provenance import write as write_provenance
+
+        write_provenance(folder, private_key)
     sig = folder / SIGNATURE
     try:
         config.sign(folder, sig)
@@ -148,3 +154,18 @@ def verify_subset(folder: Path, public_key: Path, files: dict[str, str]) -> None
     problems += [f"{p}: sha256 differs from the signed one" for p, d in files.items() if p in signed and signed[p] != d]
     if problems:
         raise CheckFailedError(f"{folder}: signature check failed: {'; '.join(problems)}")
+
+
+def check_provenance(folder: Path, public_key: Path | None, only: set[str] | None = None) -> bool:
+    """What `verify` and `fetch` ask of a folder's build record; True when one was checked. With a
+    key, a record the OpenSSF signature lists must be there (a removed one is refused, not ignored),
+    and its own DSSE signature must verify; without one, only its subjects are compared."""
+    from release.provenance import verify
+
+    present = (Path(folder) / PROVENANCE).is_file()
+    if public_key is not None and not present and PROVENANCE in signed_digests(folder, public_key):
+        raise CheckFailedError(f"{folder}: the signature lists a build record ({PROVENANCE}) and it is missing")
+    if not present:
+        return False
+    verify(folder, public_key, only)
+    return True

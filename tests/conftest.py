@@ -196,6 +196,9 @@ COSTS = {
     "tests/test_scale.py::test_split_release_is_one_variant_in_manifest_card_and_fetch": 85,
     "tests/test_scale.py::test_gguf_split_set_loads_in_llama_cpp_as_one_variant": 42,
     "tests/test_scale.py::test_streamed_memory_is_one_layer_not_the_model": 38,
+    "tests/test_provenance.py::test_reproduce_gptq_byte_identical_on_the_cpu": 80,
+    "tests/test_release_workflow.py": 185,
+    "tests/test_provenance.py::test_reproduce_gguf_byte_identical_and_a_tampered_tensor_named": 55,
 }  # fmt: skip
 WHOLE_FILES = {"test_architectures.py", "test_cluster.py", "test_gguf.py", "test_gptq.py", "test_hub.py",
                "test_imatrix.py", "test_real_model.py", "test_tokenizers.py", "test_validate.py"}  # fmt: skip

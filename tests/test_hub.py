@@ -18,7 +18,7 @@ import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
 from release.hub.server import HubServer
-from release.manifest import MANIFEST, SIGNATURE
+from release.manifest import MANIFEST, PROVENANCE, SIGNATURE
 from tests.conftest import DEMO, ROOT, leftovers
 
 pytestmark = pytest.mark.real_model
@@ -148,11 +148,11 @@ def test_fetch_one_variant_and_verify(cli, release, hub, tmp_path):
     manifest = json.loads((release["dir"] / GGUF / MANIFEST).read_text())
     expected = {f["path"] for f in manifest["files"] if f["variant"] in (None, "Q8_0")}
     got = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert got == expected | {MANIFEST, SIGNATURE}  # only what Q8_0 needs: no Q4_K_M file, no .cache
+    assert got == expected | {MANIFEST, SIGNATURE, PROVENANCE}  # only what Q8_0 needs: no Q4_K_M file, no .cache
     assert not any("Q4_K_M" in p for p in got)
     for p in expected:
         assert (out / p).read_bytes() == (release["dir"] / GGUF / p).read_bytes()
-    assert res["signature_checked"] and res["revalidated"]["passed"]
+    assert res["signature_checked"] and res["provenance_checked"] and res["revalidated"]["passed"]
     assert res["revalidated"]["kl_mean"] == pytest.approx(manifest["variants"]["Q8_0"]["kl_mean"], rel=1e-3)
 
     bad = cli("fetch", f"{REPO}-GGUF", "--variant", "Q3_K_S", "-o", tmp_path / "x", "--endpoint", hub.url)
@@ -202,12 +202,30 @@ def test_fetch_refuses_a_tampered_repository(cli, release, hub, tmp_path):
             f["sha256"] = sha256_file(folder / gguf_name)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     ops = [CommitOperationAdd(p, str(folder / p)) for p in (gguf_name, MANIFEST, "LICENSE")]
-    api.create_commit(repo, ops, commit_message="forged")
+    # The build record names the genuine files: a forger who controls the server drops it too.
+    api.create_commit(repo, [*ops, CommitOperationDelete(PROVENANCE)], commit_message="forged")
     r = cli("fetch", repo, "--variant", "Q8_0", "-o", tmp_path / "ok", "--endpoint", hub.url, "--revalidate")
     assert r.exit_code == 0  # hashes agree with the (forged) manifest...
     assert "verified" not in r.stdout and "server's own manifest only (unsigned)" in r.stdout  # ...proving nothing
     assert "checked only against the server's own manifest" in r.stderr
     _fetch_refused(cli, hub, tmp_path, release, "signature check failed", key=True)  # ...the signature does not
+
+
+def test_fetch_refuses_an_altered_or_removed_build_record_and_reproduces_from_the_hub(cli, release, hub, tmp_path):
+    """The build record is part of what the signature covers: a server that alters or drops it is
+    refused with the key; `reproduce ORG/NAME-GGUF` fetches the variant and the safetensors
+    repository (the GGUF files' source) and rebuilds the variant byte-identical."""
+    assert _publish(cli, release, hub).exit_code == 0
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    repo = f"{REPO}-GGUF"
+    r = cli("reproduce", repo, "--variant", "Q8_0", "--endpoint", hub.url, "--public-key", release["pub"], "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["identical"], r.stdout[-2000:] + r.stderr
+    env = json.loads((release["dir"] / GGUF / PROVENANCE).read_text())
+    env["payload"] = env["payload"][:-8] + "AAAAAAA="  # the statement's last bytes changed
+    api.create_commit(repo, [CommitOperationAdd(PROVENANCE, (json.dumps(env) + "\n").encode())], commit_message="x")
+    _fetch_refused(cli, hub, tmp_path, release, f"{PROVENANCE}: sha256 differs from the signed one", key=True)
+    api.create_commit(repo, [CommitOperationDelete(PROVENANCE)], commit_message="drop the build record")
+    _fetch_refused(cli, hub, tmp_path, release, "lists a build record", key=True)
 
 
 def test_fetch_refuses_a_substituted_or_rolled_back_release(cli, release, hub, tmp_path):
@@ -267,6 +285,7 @@ def test_fetch_reads_no_reference_outside_the_download(cli, release, hub, tmp_pa
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["reference"]["path"] = str(outside)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (folder / PROVENANCE).unlink()  # it names the genuine manifest: the forger drops it
     api = HfApi(endpoint=hub.url, token=TOKEN)
     api.create_repo(f"{REPO}-GGUF")
     api.upload_folder(repo_id=f"{REPO}-GGUF", folder_path=folder, commit_message="absolute reference")

@@ -386,11 +386,11 @@ def test_gguf_embedded_license_is_read_from_the_header(tmp_path, tiny, smollm2):
 
     assert gguf_license(path) == gguf.GGUFReader(path).get_field("general.license").contents() == "apache-2.0"
     # The same header read gives the manifest its provenance keys, as GGUFReader reads them.
-    from release.manifest import _gguf_provenance
+    from release.agreement import recorded_hashes
 
     fields = gguf.GGUFReader(path).fields
     hashes = {k: fields[f"model_release.{k}"].contents() for k in ("source_checkpoint_hash",)}
-    assert _gguf_provenance(tmp_path / "g") == hashes and hashes["source_checkpoint_hash"].startswith("blake3:")
+    assert recorded_hashes(tmp_path / "g", "gguf") == hashes and hashes["source_checkpoint_hash"].startswith("blake3:")
     check_embedded_licenses(tmp_path / "g", "apache-2.0")
     with pytest.raises(CheckFailedError, match=r"m-Q8_0\.gguf: its embedded license is 'apache-2.0'.*'llama3\.1'"):
         check_embedded_licenses(tmp_path / "g", "llama3.1")

@@ -375,3 +375,52 @@ def test_a_temporary_step_runs_only_when_a_reader_must_and_goes_when_all_have_su
     # a's inputs change (here its deps): it must run, so the intermediate is written first, then removed.
     assert run(a_deps=("inter", "b")) == {"inter": ("done", 1), "a": ("done", 1), "b": ("skipped", 0)}
     assert not inter.exists()
+
+
+def test_device_of_a_forward_pass_does_not_make_a_step_stale_but_gptqs_does():
+    """The release workflow makes the reference on a CPU runner and GPTQ on a GPU runner in the same
+    folder: the reference (and the importance matrix and validations) must stay up to date there."""
+    from release.pipeline.steps import Step
+    from release.resources import SMALL
+
+    def argv(step: str, name: str, device: str) -> list[str]:
+        cli = [sys.executable, "-m", "release.cli"]
+        return Step(name, "x", [*cli, step, "SRC", "--device", device, "--forward", "resident"], {}, [],
+                    list, SMALL).digest_argv()  # fmt: skip
+
+    for step, name in [("reference", "reference"), ("imatrix", "imatrix"), ("validate", "validate-gptq")]:
+        assert argv(step, name, "cuda") == argv(step, name, "cpu") == [step, "SRC"]
+    assert argv("gptq", "gptq", "cuda") != argv("gptq", "gptq", "auto")
+
+
+def test_a_one_family_build_leaves_the_other_families_and_live_temporaries_alone(tmp_path):
+    """Two runners build gguf and gptq into one shared folder at once: neither tidies the other's
+    variants, records or temporary files; a temporary of a dead process on this host goes."""
+    import socket
+    from types import SimpleNamespace
+
+    from release.pipeline.build import _tidy
+    from release.pipeline.steps import Plan
+
+    dist = tmp_path / "m-1.0"
+    files = {
+        "gptq": dist / "m-GPTQ" / "model.safetensors",
+        "gptq record": dist / ".steps" / "gptq.json",
+        "gguf": dist / "m-GGUF" / "m-Q8_0.gguf",
+        "gguf record": dist / ".steps" / "gguf-Q8_0.json",
+        "other host": dist / "m-GGUF" / ".m-Q6_K.gguf.partial-otherhost-123-abcdef12",
+        "live": dist / "m-GGUF" / f".m-Q5_0.gguf.partial-{socket.gethostname()}-{os.getpid()}-abcdef12",
+        "dead": dist / "m-GGUF" / f".m-Q4_0.gguf.partial-{socket.gethostname()}-999999999-abcdef12",
+    }
+    for f in files.values():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    rf = SimpleNamespace(name="m")
+    _tidy(Plan(dist, [], [], ("gptq",)), rf)  # a gptq build that no longer makes GPTQ: its own go
+    assert not files["gptq"].exists() and not files["gptq record"].exists() and not files["dead"].exists()
+    assert all(files[k].exists() for k in ("gguf", "gguf record", "other host", "live"))
+    _tidy(Plan(dist, [], [], ("safetensors",)), rf)  # prepare: touches neither family
+    assert all(files[k].exists() for k in ("gguf", "gguf record", "other host", "live"))
+    _tidy(Plan(dist, [], [], ("gguf",)), rf)
+    assert not files["gguf"].exists() and not files["gguf record"].exists()
+    assert files["live"].exists() and files["other host"].exists()

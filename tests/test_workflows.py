@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import ROOT
 
 WORKFLOWS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / ".github" / "workflows").glob("*.y*ml"))
+# Composite actions (the release action other repositories use): zizmor audits them too.
+ACTIONS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / ".github" / "actions").glob("*/action.y*ml"))
 
 
 def _tool(name: str) -> str:
@@ -27,6 +29,7 @@ def _tool(name: str) -> str:
 
 def test_there_are_workflows():
     assert ".github/workflows/release.yml" in WORKFLOWS
+    assert ".github/actions/release/action.yml" in ACTIONS
 
 
 def test_actionlint_finds_nothing():
@@ -34,7 +37,7 @@ def test_actionlint_finds_nothing():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("workflow", WORKFLOWS)
+@pytest.mark.parametrize("workflow", WORKFLOWS + ACTIONS)
 def test_zizmor_finds_nothing_of_medium_or_high_severity(workflow):
     cmd = [_tool("zizmor"), "--offline", "--min-severity", "medium", "--format", "json", workflow]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -14,6 +14,7 @@ from release.cli.gptq import gptq_command
 from release.cli.hub import fetch_command, hub_app, publish_command
 from release.cli.imatrix import imatrix_command
 from release.cli.inspect import inspect_command
+from release.cli.reproduce import reproduce_command
 from release.cli.sign import keygen_command, manifest_command, sign_command, verify_command
 from release.cli.validate import reference_command, validate_command
 
@@ -59,6 +60,7 @@ app.command("sign")(sign_command)
 app.command("verify")(verify_command)
 app.command("publish")(publish_command)
 app.command("fetch")(fetch_command)
+app.command("reproduce")(reproduce_command)
 app.add_typer(hub_app, name="hub")
 app.command("fixture")(fixture_command)
 

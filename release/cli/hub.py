@@ -148,6 +148,8 @@ def fetch_command(
     for w in result.warnings:
         stderr.print(f"[yellow]warning:[/] {w}", highlight=False)
     checks = ["sha256 of every file"] + (["signature"] if result.signature_checked else [])
+    if result.provenance_checked:
+        checks.append("build record" + ("" if result.signature_checked else " (its subjects; unsigned)"))
     if result.revalidated:
         r = result.revalidated
         checks.append(f"logits (mean KL {r['kl_mean']:.3g}, top-1 {r['top1_agreement']:.3f})")

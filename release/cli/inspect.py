@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ from release.cli._output import JSON_HELP, human_bytes, print_json, run, stdout
 
 
 def inspect_command(
-    path: Path = typer.Argument(..., help="Checkpoint folder, single weights file, or .gguf file."),
+    path: Path = typer.Argument(
+        ..., help="Checkpoint folder, single weights file, .gguf file, or a release folder (its build record)."
+    ),
     with_hash: bool = typer.Option(
         False,
         "--hash",
@@ -20,17 +23,33 @@ def inspect_command(
     ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Show architecture, parameters, dtypes, files, size and license/provenance metadata."""
+    """Show architecture, parameters, dtypes, files, size and license/provenance metadata. For a
+    release folder with a build record (provenance.intoto.jsonl): from what, with which tools and
+    settings, when and where it was built (shown, not checked: `verify --public-key` checks it)."""
+    from release.manifest import PROVENANCE
+
+    record = path.is_dir() and (path / PROVENANCE).is_file()
 
     def work(rep: Any) -> dict[str, Any]:
         from release.inspect import describe
 
-        return describe(path, with_hash=with_hash, reporter=rep)
+        out: dict[str, Any] = {}
+        if record:
+            from release.provenance import read, summary
+
+            out["provenance"] = summary(read(path))
+            if not (path / "config.json").is_file():  # a GGUF folder: the record is what there is to show
+                return {"kind": "release folder", **out}
+        return describe(path, with_hash=with_hash, reporter=rep) | out
 
     info = run(work, as_json=as_json)
     if as_json:
         print_json(info)
         return
+    if "provenance" in info:
+        _print_provenance(path, info["provenance"])
+        if info.get("kind") == "release folder":
+            return
     from rich.table import Table
 
     table = Table(show_header=False, title=str(path))
@@ -63,3 +82,27 @@ def inspect_command(
                 "matches source hash", "yes" if info["matches_source_hash"] else "no (expected after a dtype cast)"
             )
     stdout.print(table)
+
+
+def _print_provenance(path: Path, p: dict[str, Any]) -> None:
+    """Lines, not a table: hashes and commands stay whole for copying, at any terminal width."""
+    m = p.get("machine") or {}
+    rows = [
+        ("repository", f"{p['repository']} {p['version'] or ''}".strip()),
+        ("source checkpoint", p["source_checkpoint_hash"] or "not recorded"),
+        ("release file sha256", p["release_file_sha256"] or "not recorded"),
+        ("built", f"{p['started'] or '?'} -> {p['finished']}"),
+        ("builder", p["builder"]),
+        ("machine", f"{m.get('host', '?')}: {m.get('cpu', '?')} x{m.get('cpus', '?')}; "
+                    f"GPU: {', '.join(m.get('gpus') or []) or 'none'}"),
+        ("tools", ", ".join(f"{k} {v}" for k, v in p["tools"].items())),
+        *((name, f"sha256 {digest}" if digest else "missing") for name, digest in p["texts"].items()),
+        *([("settings", json.dumps(p["settings"], sort_keys=True))] if p.get("settings") else []),
+        ("files recorded", str(p["files"])),
+    ]  # fmt: skip
+    stdout.print(f"{path}: build record (shown, not checked: `verify --public-key` checks it)", highlight=False)
+    for k, v in rows:
+        stdout.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
+    stdout.print(f"  steps ({len(p['steps'])}):", highlight=False)
+    for s in p["steps"]:
+        stdout.print(f"    {s['name']}: {s['command']}", highlight=False, soft_wrap=True)

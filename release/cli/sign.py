@@ -61,7 +61,9 @@ def sign_command(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Sign every release folder with OpenSSF model signing: `release.sig` inside each folder
-    covers every file (the manifest included). Run it last, after `manifest`."""
+    covers every file (the manifest included). With --key it first writes the signed build record,
+    provenance.intoto.jsonl (SLSA provenance in a DSSE envelope; docs/provenance.md). Run it last,
+    after `manifest`."""
     from release.cards import release_folders
     from release.signing import sign_folder
 
@@ -83,25 +85,31 @@ def verify_command(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Check a release folder against its manifest (every file present, unchanged, nothing added)
-    and, with --public-key, against its signature. Exit 1 names what differs."""
+    and its build record (provenance.intoto.jsonl: every file one of its subjects) and, with
+    --public-key, against its signature and the build record's. Exit 1 names what differs."""
     from release.cards import folder_kind
     from release.manifest import MANIFEST, check_files, load_manifest
-    from release.signing import verify_folder
+    from release.signing import check_provenance, verify_folder
 
-    def body(rep: object) -> list[str]:
+    def body(rep: object) -> dict[str, bool]:
         folders = [path] if (path / MANIFEST).is_file() else [p for p in sorted(path.iterdir()) if folder_kind(p)]
         if not folders:
             raise BadInputError(f"{path}: no release folders with a {MANIFEST}")
+        out = {}
         for f in folders:
             check_files(f, load_manifest(f / MANIFEST))
+            recorded = check_provenance(f, public_key)  # before the whole-folder check: its line is clearer
             if public_key is not None:
                 verify_folder(f, public_key)
-        return [str(f) for f in folders]
+            out[str(f)] = recorded
+        return out
 
     checked = run(body, as_json=as_json)
     if as_json:
-        print_json({"ok": True, "verified": checked, "signature_checked": public_key is not None})
+        print_json({"ok": True, "verified": list(checked), "signature_checked": public_key is not None,
+                    "provenance_checked": [f for f, ok in checked.items() if ok]})  # fmt: skip
     else:
         what = "manifest and signature" if public_key else "manifest (no --public-key: signature not checked)"
-        for f in checked:
-            stdout.print(f"ok: {f} matches its {what}", highlight=False)
+        for f, recorded in checked.items():
+            record = "; build record: " + ("signed, subjects match" if public_key else "subjects match, unsigned")
+            stdout.print(f"ok: {f} matches its {what}{record if recorded else '; no build record'}", highlight=False)

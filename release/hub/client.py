@@ -32,6 +32,7 @@ from release.licensing import decide
 from release.manifest import (
     MANIFEST,
     NOT_LISTED,
+    PROVENANCE,
     SIGNATURE,
     check_files,
     listed_files,
@@ -139,7 +140,7 @@ class PublishResult:
 
 def _local_files(folder: Path) -> list[str]:
     names = [p.relative_to(folder).as_posix() for p in listed_files(folder)]
-    return sorted([*names, *(n for n in (MANIFEST, SIGNATURE) if (folder / n).is_file())])
+    return sorted([*names, *(n for n in (MANIFEST, SIGNATURE, PROVENANCE) if (folder / n).is_file())])
 
 
 def _remote_files(api: Any, repo_id: str, revision: str) -> dict[str, Any] | None:
@@ -283,6 +284,7 @@ class FetchResult:
     bytes: int
     hashes_checked: bool
     signature_checked: bool
+    provenance_checked: bool  # the build record (provenance.intoto.jsonl) was there and checked
     revalidated: dict[str, Any] | None
     warnings: list[str]
     seconds: float
@@ -298,7 +300,7 @@ _VERSION_TAG = re.compile(r"^v?\d+(\.\d+)*([-+].*)?$")  # v1.0, 1.0, v2, v0.1-ol
 
 def fetch(
     repo_id: str,
-    variant: str,
+    variant: str | None,
     out: Path,
     *,
     revision: str = "main",
@@ -344,6 +346,8 @@ def fetch(
         with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
             manifest = load_manifest(tmp / MANIFEST)
         _check_identity(manifest, repo_id, revision, commit, mirror, warnings)
+        if variant is None and len(manifest["variants"]) == 1:  # the repository's one variant (reproduce's source)
+            variant = next(iter(manifest["variants"]))
         if variant not in manifest["variants"]:
             raise BadInputError(
                 f"{repo_id} has no variant {variant!r}", hint=f"variants: {', '.join(sorted(manifest['variants']))}"
@@ -356,7 +360,7 @@ def fetch(
             said += [f"missing from the repository: {', '.join(missing)}"] if missing else []
             raise CheckFailedError(f"{repo_id}@{revision}: " + "; ".join(said))
         needed = sorted(p for p, f in listed.items() if f["variant"] in (None, variant))
-        want = [*needed, *([SIGNATURE] if SIGNATURE in remote else [])]
+        want = [*needed, *(p for p in (SIGNATURE, PROVENANCE) if p in remote)]
         total = sum(listed[p]["size"] for p in needed)
         reporter.start(f"downloading {variant} from {repo_id}", total)
         with hub_errors(f"fetching {repo_id}", token):
@@ -365,6 +369,8 @@ def fetch(
                 reporter.advance(listed[p]["size"] if p in listed else 0)
         reporter.done()
         signature_checked = False
+        from release.signing import check_provenance
+
         with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
             check_files(tmp, manifest, only=set(needed))
             if public_key is not None:
@@ -373,8 +379,11 @@ def fetch(
                 from release.signing import verify_subset
 
                 digests = {p: listed[p]["sha256"] for p in needed} | {MANIFEST: sha256_file(tmp / MANIFEST)}
+                if (tmp / PROVENANCE).is_file():
+                    digests[PROVENANCE] = sha256_file(tmp / PROVENANCE)
                 verify_subset(tmp, public_key, digests)  # the manifest itself must be signed as it is
                 signature_checked = True
+            provenance_checked = check_provenance(tmp, public_key, only={*needed, MANIFEST})
         if public_key is None:  # whoever controls the server also controls the manifest
             signed = SIGNATURE in remote
             why = "the release is signed but no --public-key was given" if signed else "the release is not signed"
@@ -394,6 +403,7 @@ def fetch(
             hint="run without --revalidate, or install the extra and run again",
         )
     return FetchResult(repo_id, variant, revision, commit, str(out), needed, total, True, signature_checked,
+                       provenance_checked,
                        revalidated, warnings, round(time.monotonic() - started, 2))  # fmt: skip
 
 

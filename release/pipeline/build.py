@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from release.atomic import atomic_file
+from release.atomic import PARTIAL_MARK, atomic_file, is_stale_partial
 from release.errors import BadInputError
 from release.formats.gguf_names import set_name, variant_files
 from release.pipeline.local import Executor, LocalExecutor
@@ -180,22 +180,29 @@ def _executor(executor: Executor | str | None, verbose: bool) -> tuple[str, Exec
 
 
 def _tidy(plan: Plan, rf: ReleaseFile) -> None:
-    """Remove what an interrupted run or a changed release file left: temporary folders of killed
-    steps, and variants the release file no longer asks for (with their records)."""
+    """Remove what an interrupted run or a changed release file left: temporary files of killed
+    steps, and variants the release file no longer asks for (with their records). Only of the
+    families this build makes, and only temporaries no live run owns: on a shared workspace
+    another runner may be building the other families at the same time."""
+    gguf_dir, gptq_dir = plan.dist / f"{rf.name}-GGUF", plan.dist / f"{rf.name}-GPTQ"
+    mine = {"gguf": "gguf" in plan.families, "gptq": "gptq" in plan.families}
     for p in list(plan.dist.rglob(".*")):
-        if (
-            ".partial-" in p.name
-            or p.name.startswith((".model-release-", ".gptq-offload-"))
-            or p.name.endswith(".restamp")
-        ):
+        if PARTIAL_MARK in p.name:
+            stale = is_stale_partial(p)  # its owner's host and process: removed only when that run is gone
+        elif p.name.startswith(".model-release-"):  # the GGUF writer's scratch folder (no owner in its name)
+            stale = mine["gguf"]
+        elif p.name.startswith(".gptq-offload-"):
+            stale = mine["gptq"]
+        else:
+            stale = p.name.endswith(".restamp")
+        if stale:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
     names = {s.name for s in plan.steps}
-    gguf_dir = plan.dist / f"{rf.name}-GGUF"
     keep = {Path(v["path"]).name for v in plan.variants if v["family"] == "gguf"}
-    if gguf_dir.is_dir():
+    if mine["gguf"] and gguf_dir.is_dir():
         for f in list(gguf_dir.iterdir()):
             logical = set_name(f.name)
             if f.name.endswith(".gguf") and logical not in keep and f.exists():
@@ -204,16 +211,16 @@ def _tidy(plan: Plan, rf: ReleaseFile) -> None:
                     g.unlink(missing_ok=True)
         if "imatrix" not in names:  # no longer collected (imatrix: none, or a given file)
             (gguf_dir / f"{rf.name}.imatrix").unlink(missing_ok=True)
-    if LOSSLESS_STEP not in names:  # no llama.cpp type left, or the release now ships the lossless variant
+    if mine["gguf"] and LOSSLESS_STEP not in names:  # no llama.cpp type left, or the release ships the lossless one
         shutil.rmtree(plan.dist / WORK_DIR / LOSSLESS_STEP, ignore_errors=True)
         (plan.dist / STEPS_DIR / f"{LOSSLESS_STEP}.json").unlink(missing_ok=True)
     for rec in (plan.dist / STEPS_DIR).glob("*.json"):
-        if rec.stem not in names and (
-            rec.stem.startswith(("gguf-", "validate-gguf-")) or rec.stem in ("gptq", "validate-gptq", "imatrix")
-        ):
+        gguf_record = rec.stem.startswith(("gguf-", "validate-gguf-")) or rec.stem == "imatrix"
+        gptq_record = rec.stem in ("gptq", "validate-gptq")
+        if rec.stem not in names and ((gguf_record and mine["gguf"]) or (gptq_record and mine["gptq"])):
             rec.unlink()
             if rec.stem == "gptq":
-                shutil.rmtree(plan.dist / f"{rf.name}-GPTQ", ignore_errors=True)
+                shutil.rmtree(gptq_dir, ignore_errors=True)
 
 
 def _variant_rows(plan: Plan, results: dict[str, StepResult]) -> list[dict[str, Any]]:

@@ -100,7 +100,7 @@ def plan_build(
     for step in steps:  # card, manifest and sign hash each file once between them
         step.env[HASH_CACHE_ENV] = str(dist / WORK_DIR / "sha256.json")
         step.threads = threads or res.cpu_threads()
-    return Plan(dist, steps, variants)
+    return Plan(dist, steps, variants, tuple(f for f in FAMILIES if f in wanted))
 
 
 def _dtype(rf: ReleaseFile) -> str:

@@ -30,6 +30,10 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 class Records:
     def __init__(self, dist: Path, *, create: bool = True) -> None:
         self.dir = dist / STEPS_DIR
@@ -58,10 +62,15 @@ class Records:
         return rec
 
     def save(
-        self, step: str, inputs: str, files: list[list[Any]], output: dict[str, Any], seconds: float, node: str = ""
-    ) -> None:
+        self, step: str, inputs: str, files: list[list[Any]], output: dict[str, Any], seconds: float, node: str = "",
+        argv: list[str] | None = None, threads: int = 0,
+    ) -> None:  # fmt: skip
+        """``argv`` and ``threads``: the step's command and OMP_NUM_THREADS, kept for the signed build
+        record (provenance.py) and `reproduce`, which runs the command again with as many threads."""
+        now = time.time()
         rec = {"step": step, "inputs": inputs, "files": files, "output": output, "seconds": round(seconds, 2),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "node": node}  # fmt: skip
+               "started": _utc(now - seconds), "finished": _utc(now), "node": node, "argv": argv or [],
+               "threads": threads}  # fmt: skip
         with atomic_file(self.path(step), force=True) as tmp:
             tmp.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
 

@@ -145,7 +145,16 @@ def run_plan(
                 log = logs / f"{name}.log"
                 if done.exit_code in step.ok_codes:
                     data = {**done.output, "exit_code": done.exit_code}
-                    records.save(name, inputs, fingerprint(step.outputs()), data, seconds, done.where)
+                    records.save(
+                        name,
+                        inputs,
+                        fingerprint(step.outputs()),
+                        data,
+                        seconds,
+                        done.where,
+                        argv=[str(a) for a in step.argv],
+                        threads=step.threads,
+                    )
                     results[name] = StepResult(name, "done", seconds, done.exit_code, data, "", done.peak_rss_bytes,
                                                str(log), done.where)  # fmt: skip
                 else:

@@ -11,6 +11,7 @@ from typing import Any
 from release.resources import Need
 
 FAMILIES = ("safetensors", "gguf", "gptq")
+_FORWARD_STEPS = ("reference", "imatrix")  # steps whose device only changes float rounding
 
 
 @dataclass
@@ -35,13 +36,19 @@ class Step:
 
     def digest_argv(self) -> list[str]:
         """The arguments that define the result: ``--forward`` (resident or streamed, chosen from
-        free memory) gives the same logits either way, so it does not make a step stale."""
+        free memory) gives the same logits either way, so it does not make a step stale. Nor does
+        the ``--device`` of a forward pass (reference, importance matrix, validation): its float32
+        results on a GPU and a CPU agree to rounding, and a reference made once on a CPU runner must
+        stay up to date for the GPU runner that builds GPTQ beside it (the release workflow). GPTQ's
+        own ``--device`` stays: it changes the quantized integers."""
+        ignored = {"--forward"} | ({"--device"} if self.name in _FORWARD_STEPS or self.name.startswith("validate-")
+                                   else set())  # fmt: skip
         out, skip = [], False
         for a in self.argv[3:]:
             if skip:
                 skip = False
                 continue
-            if a == "--forward":
+            if a in ignored:
                 skip = True
                 continue
             out.append(a)
@@ -69,3 +76,6 @@ class Plan:
     dist: Path
     steps: list[Step]
     variants: list[dict[str, Any]]
+    # The families this build makes (``--only``): a build of one family leaves the others' files
+    # and records alone, as another runner on a shared workspace may be making them.
+    families: tuple[str, ...] = FAMILIES

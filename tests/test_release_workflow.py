@@ -1,0 +1,165 @@
+"""The release workflow's logic, run here (issue 23): `.github/workflows/release.yml` is read, and
+every job's own `run:` commands run with their `env:`, in the order `needs:` gives, each job in its
+own folder as a separate runner would, on the SmolLM2 release against a local Hub. Jobs hand data
+over only the way the workflow does: the shared workspace (`vars.RELEASE_WORKSPACE`). The last job
+fetches a published variant back and verifies it. A local composite action (the release action
+other repositories use) runs its own steps with its inputs. Not run: installation steps (`make
+install`, the action's "Install" step: this test's environment is what they install); and
+`actions/checkout` is a copy of the files the jobs read. Any other action, or an expression this
+harness does not know, fails the test, so an edit that makes the jobs no longer fit together fails
+here before it fails on a tag."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from release.signing import keygen
+from tests.conftest import DEMO, ROOT, demo_release_file
+
+pytestmark = pytest.mark.real_model
+WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
+EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)+")
+
+
+def _order(jobs: dict) -> list[str]:
+    """Jobs in an order `needs:` allows (as GitHub schedules them, parallel ones one after another)."""
+    done: list[str] = []
+    while len(done) < len(jobs):
+        ready = [j for j, spec in jobs.items() if j not in done and set(_needs(spec)) <= set(done)]
+        assert ready, f"a cycle in needs: among {set(jobs) - set(done)}"
+        done.append(ready[0])
+    return done
+
+
+def _needs(spec: dict) -> list[str]:
+    n = spec.get("needs") or []
+    return [n] if isinstance(n, str) else list(n)
+
+
+def _value(expr: str, ctx: dict) -> str:
+    """`a.b || 'literal' || c.d`: the first non-empty one. Anything else is not understood."""
+    for part in (p.strip() for p in expr.split("||")):
+        if re.fullmatch(r"'[^']*'", part):
+            return part[1:-1]
+        assert NAME.fullmatch(part), f"an expression this harness does not know: {expr!r}"
+        scope, key = part.split(".", 1)
+        assert scope in ctx, f"an expression this harness does not know: {expr!r}"
+        if value := ctx[scope].get(key):
+            return str(value)
+    return ""
+
+
+def _expand(text: str, ctx: dict) -> str:
+    return EXPRESSION.sub(lambda m: _value(m.group(1), ctx), text)
+
+
+def _env(mapping: dict | None, ctx: dict) -> dict[str, str]:
+    return {k: _expand(str(v), ctx) for k, v in (mapping or {}).items()}
+
+
+def _checkout(folder: Path, config: Path, public_key: Path) -> None:
+    """What actions/checkout gives a job: the repository's files it reads (the release file, the
+    published public key) and, standing in for `make install`, this test's virtual environment."""
+    folder.mkdir(parents=True)
+    shutil.copytree(ROOT / "examples", folder / "examples")
+    shutil.copy(config, folder / config.name)
+    shutil.copy(public_key, folder / "release-signing.pub")
+    (folder / ".venv").symlink_to(Path(sys.prefix))
+
+
+def test_the_release_workflow_runs_job_by_job_and_publishes_a_verified_release(smollm2, tmp_path):
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    jobs = workflow["jobs"]
+    # The demo release with one GGUF type (GPTQ as the demo makes it: fewer windows fail its validation).
+    config = demo_release_file(tmp_path / "release-ci.yaml", gguf={"types": ["Q8_0"]},
+                               gptq={"bits": 4, "samples": 12, "seq_len": 256})  # fmt: skip
+    priv, pub = keygen(tmp_path / "keys")
+    hub, workspace = tmp_path / "hub", tmp_path / "shared"
+    ctx = {
+        "inputs": {"config": config.name},
+        "vars": {"RELEASE_WORKSPACE": str(workspace)},
+        "secrets": {"MODEL_RELEASE_SIGNING_KEY": priv.read_text(), "HF_TOKEN": "hf_local_test"},
+        "github": {"repository": "example/model-release", "ref_name": "v1.0"},
+    }
+    ran: dict[str, list[str]] = {}
+    for name in _order(jobs):
+        spec = jobs[name]
+        assert spec["permissions"] == {"contents": "read"}, f"{name}: least privilege"
+        runner = tmp_path / "runners" / name  # its own machine: nothing shared but the workspace and the Hub
+        _checkout(runner / "repo", config, pub)
+        (runner / "temp").mkdir()
+        (runner / "temp" / "model-release").symlink_to(Path(sys.prefix))  # what the action's install step makes
+        github = {"GITHUB_REF_NAME": ctx["github"]["ref_name"], "GITHUB_REPOSITORY": ctx["github"]["repository"]}
+        base = {**os.environ, **github, "RUNNER_TEMP": str(runner / "temp"), "HF_ENDPOINT": f"local:{hub}"}
+        ctx["env"] = _env(workflow.get("env"), ctx) | _env(spec.get("env"), ctx)
+        ran[name] = []
+        for step in spec["steps"]:
+            uses = step.get("uses", "")
+            if uses.startswith("actions/checkout@"):
+                assert step.get("with", {}).get("persist-credentials") is False
+                continue
+            if uses:  # a local composite action: its own steps, with its inputs
+                assert uses.startswith("./"), f"{name}: an action this harness cannot run: {uses}"
+                action_dir = ROOT / uses
+                action = yaml.safe_load((action_dir / "action.yml").read_text())
+                assert action["runs"]["using"] == "composite"
+                given = _env(step.get("with"), ctx)
+                assert set(given) <= set(action["inputs"]), f"{name}: inputs the action does not take"
+                inputs = {k: given.get(k, v.get("default", "")) for k, v in action["inputs"].items()}
+                missing = [k for k, v in action["inputs"].items() if v.get("required") and not inputs[k]]
+                assert not missing, f"{name}: required inputs not given: {missing}"
+                scripts = [(s, {**ctx, "inputs": inputs}, {"GITHUB_ACTION_PATH": str(action_dir)})
+                           for s in action["runs"]["steps"]]  # fmt: skip
+            else:
+                scripts = [(step, ctx, {})]
+            for s, scope, extra in scripts:
+                script = s["run"]
+                if script.strip().startswith("make install") or s.get("name", "").startswith("Install"):
+                    continue  # what this test's environment already is
+                env = base | ctx["env"] | extra | _env(s.get("env"), scope)
+                bash = ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", _expand(script, scope)]
+                r = subprocess.run(bash, cwd=runner / "repo", env=env, capture_output=True, text=True, timeout=900)
+                said = "".join(p.read_text()[-3000:] for p in (runner / "repo").glob("build-*.json"))
+                assert r.returncode == 0, f"job {name}, step {s.get('name') or script[:60]!r}:\n{r.stdout[-3000:]}\n" \
+                                          f"{r.stderr[-3000:]}\n{said}"  # fmt: skip
+                ran[name].append(r.stdout + r.stderr)
+    assert set(ran) == {"check", "prepare", "gguf", "gptq", "publish"}
+
+    def statuses(job: str, file: str) -> dict[str, str]:
+        out = json.loads((tmp_path / "runners" / job / "repo" / file).read_text())
+        assert out["ok"], out
+        return {s["name"]: s["status"] for s in out["steps"]}
+
+    # Work done once: the family jobs found the conversion and the reference made by prepare.
+    prepare = statuses("prepare", "build-prepare.json")
+    assert prepare["convert"] == prepare["reference"] == "done"
+    for job in ("gguf", "gptq"):
+        steps = statuses(job, f"build-{job}.json")
+        assert steps["convert"] == steps["reference"] == "skipped", (job, steps)
+    assert statuses("gguf", "build-gguf.json")["gguf-Q8_0"] == "done"
+    assert statuses("gptq", "build-gptq.json")["gptq"] == "done"
+    # The protected job made only what needs the key and the whole release: cards, manifests, signatures.
+    final = statuses("publish", "build-release.json")
+    assert {k for k, v in final.items() if v == "done"} == {"card", "manifest", "sign"}, final
+    assert all(v in ("skipped",) for k, v in final.items() if k not in ("card", "manifest", "sign")), final
+    # Published with the tag, and the fetch-back step verified the signature and the logits.
+    fetched = ran["publish"][-1]
+    assert "verified: sha256 of every file, signature, build record, logits" in fetched, fetched
+    dist = workspace / ctx["github"]["repository"] / "v1.0" / f"{DEMO}-1.0"
+    for folder in (DEMO, f"{DEMO}-GGUF", f"{DEMO}-GPTQ"):
+        assert (dist / folder / "release.sig").is_file() and (dist / folder / "provenance.intoto.jsonl").is_file()
+    # The secrets stayed in the protected job: no other job's environment had them.
+    for name, spec in jobs.items():
+        text = json.dumps(spec)
+        assert ("secrets." in text) == (name == "publish"), name
+    assert not list((tmp_path / "runners" / "publish" / "temp").glob("signing.key"))
