@@ -187,8 +187,8 @@ def statement(folder: Path) -> dict[str, Any]:
     manifest = load_manifest(folder / MANIFEST)
     steps = _steps(dist)
     digest, settings = _source(dist)
-    source_path = flag_value(next((s["command"] for s in steps if s["name"] == "convert"), []), "convert")
-    source_uri = Path(source_path).absolute().as_uri() if source_path else None
+    convert = next((s["command"] for s in steps if s["name"] == "convert"), [])  # model-release convert SRC ...
+    source_uri = Path(convert[2]).absolute().as_uri() if len(convert) > 2 else None
     external: dict[str, Any] = {"repository": manifest["repo_id"], "version": manifest.get("version")}
     if digest:
         external["releaseFile"] = {"name": "release.yaml", "digest": {"sha256": digest}, "settings": settings}
