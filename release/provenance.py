@@ -37,7 +37,7 @@ from typing import Any
 from release import TOOL_NAME, __version__
 from release.atomic import atomic_file
 from release.errors import BadInputError, CheckFailedError
-from release.manifest import MANIFEST, PROVENANCE, SIGNATURE, load_manifest
+from release.manifest import MANIFEST, PROVENANCE, listed_files, load_manifest
 from release.versions import library_versions, llama_cpp_commit
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -45,24 +45,24 @@ SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 # What our buildType means (which parameters, how steps are recorded) is documented in docs/provenance.md.
 BUILD_TYPE = "https://model-release.readthedocs.io/provenance/build/v1"
-# Files a folder holds that are not subjects: the statement itself, the signature over it, bookkeeping.
-NOT_SUBJECTS = {PROVENANCE, SIGNATURE, ".gitattributes"}
 _CLI = ("-m", "release.cli")
 
 
 # -- making it -----------------------------------------------------------------------------------
 
 
+def subject_names(folder: Path) -> list[str]:
+    """Every file of the folder that the build record names: what the manifest lists, and the
+    manifest itself (not the record, nor the signature over it)."""
+    names = [p.relative_to(folder).as_posix() for p in listed_files(Path(folder))]
+    return sorted([*names, *([MANIFEST] if (Path(folder) / MANIFEST).is_file() else [])])
+
+
 def subjects(folder: Path) -> list[dict[str, Any]]:
-    """Every file of the folder (the manifest's list and the manifest), each with its sha256."""
+    """Every subject with its sha256."""
     from release.hashing import sha256_file
 
-    out = []
-    for p in sorted(Path(folder).rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_file() and not any(part.startswith(".") for part in Path(rel).parts) and rel not in NOT_SUBJECTS:
-            out.append({"name": rel, "digest": {"sha256": sha256_file(p)}})
-    return out
+    return [{"name": n, "digest": {"sha256": sha256_file(Path(folder) / n)}} for n in subject_names(folder)]
 
 
 def _command(argv: list[str]) -> list[str]:
@@ -308,27 +308,35 @@ def read(folder: Path, public_key: Path | None = None) -> dict[str, Any]:
     return st
 
 
-def check_subjects(folder: Path, st: dict[str, Any], only: set[str] | None = None) -> None:
+def check_subjects(
+    folder: Path, st: dict[str, Any], only: set[str] | None = None, known: dict[str, str] | None = None
+) -> None:
     """The folder's files are the statement's subjects, byte for byte. ``only``: a fetched subset
-    (the variant's files): those must be subjects with their digests; the rest may be absent."""
+    (the variant's files): those must be subjects with their digests; the rest may be absent.
+    ``known``: digests the caller has just checked these very files against (the manifest's, after
+    ``check_files``), so that a 70B folder is not read once more; the others are hashed."""
     from release.hashing import sha256_file
 
+    known = known or {}
     recorded = {s["name"]: (s.get("digest") or {}).get("sha256") for s in st.get("subject", [])}
-    present = {s["name"] for s in subjects(folder)} if only is None else set(only)
+    present = set(subject_names(folder)) if only is None else set(only)
     problems = [f"{p} is not in the build record" for p in sorted(present - set(recorded))]
     if only is None:
         problems += [f"{p} is in the build record but missing" for p in sorted(set(recorded) - present)]
     for p in sorted(present & set(recorded)):
-        if (Path(folder) / p).is_file() and sha256_file(Path(folder) / p) != recorded[p]:
+        path = Path(folder) / p
+        if path.is_file() and (known.get(p) or sha256_file(path)) != recorded[p]:
             problems.append(f"{p}: sha256 differs from the build record's")
     if problems:
         raise CheckFailedError(f"{folder}: {PROVENANCE}: " + "; ".join(problems))
 
 
-def verify(folder: Path, public_key: Path | None, only: set[str] | None = None) -> dict[str, Any]:
-    """Read, check the signature (with a key) and the subjects; the statement."""
+def verify(
+    folder: Path, public_key: Path | None, only: set[str] | None = None, known: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Read, check the signature (with a key) and the subjects (see check_subjects); the statement."""
     st = read(folder, public_key)
-    check_subjects(folder, st, only)
+    check_subjects(folder, st, only, known)
     return st
 
 

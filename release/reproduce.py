@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from release import TOOL_NAME
-from release.agreement import REFERENCE, gguf_header_string
+from release.agreement import REFERENCE, gguf_header_string, recorded_hashes
 from release.errors import BadInputError, CheckFailedError
 from release.hashing import sha256_file
 from release.manifest import MANIFEST, load_manifest
@@ -77,11 +77,9 @@ def _variant_files(folder: Path, manifest: dict[str, Any], kind: str, variant: s
 
 def _recorded_source(folder: Path, kind: str, published: list[str]) -> str | None:
     """The checkpoint hash of the variant's direct source, as the variant's own files record it."""
-    if kind == "gguf":
+    if kind == "gguf":  # this variant's own file, not the folder's first
         return gguf_header_string(folder / published[0], "model_release.source_checkpoint_hash")
-    from release.safetensors_header import folder_metadata
-
-    return folder_metadata(folder).get("source_checkpoint_hash")
+    return recorded_hashes(folder, kind).get("source_checkpoint_hash")
 
 
 def _checkpoint_hash(path: Path, reporter: Reporter) -> str:
@@ -225,7 +223,7 @@ def reproduce(
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
             raise CheckFailedError(f"rebuilding {variant} failed (exit {run.returncode}): {last}")
-        rebuilt = out if out.is_dir() else out.parent
+        rebuilt = out  # convert, gguf and gptq all take -o as the folder they write into
         result = ReproduceResult(str(folder), variant, name, str(src), recorded, [TOOL_NAME, *args[3:]],
                                  identical=True)  # fmt: skip
         for p in published:

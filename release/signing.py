@@ -156,10 +156,13 @@ def verify_subset(folder: Path, public_key: Path, files: dict[str, str]) -> None
         raise CheckFailedError(f"{folder}: signature check failed: {'; '.join(problems)}")
 
 
-def check_provenance(folder: Path, public_key: Path | None, only: set[str] | None = None) -> bool:
+def check_provenance(
+    folder: Path, public_key: Path | None, only: set[str] | None = None, known: dict[str, str] | None = None
+) -> bool:
     """What `verify` and `fetch` ask of a folder's build record; True when one was checked. With a
     key, a record the OpenSSF signature lists must be there (a removed one is refused, not ignored),
-    and its own DSSE signature must verify; without one, only its subjects are compared."""
+    and its own DSSE signature must verify; without one, only its subjects are compared. ``known``:
+    digests already checked against these files (provenance.check_subjects)."""
     from release.provenance import verify
 
     present = (Path(folder) / PROVENANCE).is_file()
@@ -167,5 +170,5 @@ def check_provenance(folder: Path, public_key: Path | None, only: set[str] | Non
         raise CheckFailedError(f"{folder}: the signature lists a build record ({PROVENANCE}) and it is missing")
     if not present:
         return False
-    verify(folder, public_key, only)
+    verify(folder, public_key, only, known)
     return True

@@ -373,17 +373,17 @@ def fetch(
 
         with _named_for_user(tmp, f"{repo_id}@{revision} (commit {commit[:12]}, for {out})"):
             check_files(tmp, manifest, only=set(needed))
+            # The manifest's digests of the needed files were just compared with them: not hashed again.
+            digests = {p: listed[p]["sha256"] for p in needed} | {MANIFEST: sha256_file(tmp / MANIFEST)}
             if public_key is not None:
                 if not (tmp / SIGNATURE).is_file():
                     raise CheckFailedError(f"{repo_id}@{revision}: no signature ({SIGNATURE}) to check")
                 from release.signing import verify_subset
 
-                digests = {p: listed[p]["sha256"] for p in needed} | {MANIFEST: sha256_file(tmp / MANIFEST)}
-                if (tmp / PROVENANCE).is_file():
-                    digests[PROVENANCE] = sha256_file(tmp / PROVENANCE)
-                verify_subset(tmp, public_key, digests)  # the manifest itself must be signed as it is
+                signed = digests | ({PROVENANCE: sha256_file(tmp / PROVENANCE)} if (tmp / PROVENANCE).is_file() else {})
+                verify_subset(tmp, public_key, signed)  # the manifest itself must be signed as it is
                 signature_checked = True
-            provenance_checked = check_provenance(tmp, public_key, only={*needed, MANIFEST})
+            provenance_checked = check_provenance(tmp, public_key, only=set(digests), known=digests)
         if public_key is None:  # whoever controls the server also controls the manifest
             signed = SIGNATURE in remote
             why = "the release is signed but no --public-key was given" if signed else "the release is not signed"
