@@ -26,7 +26,7 @@ from release.hashing import origin_hash, sha256_file
 from release.licensing import LicenseDecision, decide, license_info, write_license_files
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
-from release.safetensors_header import folder_metadata
+from release.safetensors_header import folder_metadata, folder_parameters
 
 RELEASE_FILES = ("release.yaml", "release.yml", "release.json")
 # Our own wording, added to every card of a model whose release declares domain "medical".
@@ -383,10 +383,8 @@ def render_cards(release_dir: Path, *, metadata_file: Path | None = None, report
     main_config: dict[str, Any] = {}
     if main is not None:
         main_config = json.loads((main / "config.json").read_text(encoding="utf-8"))
-        from release.inspect import describe
-
-        info = describe(main)
-        parameters, architecture = int(info["parameters"]), str(info.get("architecture"))
+        parameters = folder_parameters(main)
+        architecture = str((main_config.get("architectures") or [None])[0])
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
     )

@@ -5,6 +5,7 @@ manifest, cards) can read them in the base install."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -41,3 +42,22 @@ def folder_metadata(folder: Path) -> dict[str, str]:
     for f in sorted(Path(folder).glob("*.safetensors"))[:1]:
         return dict(parse_safetensors_header(f)[1].get("__metadata__") or {})
     return {}
+
+
+def folder_parameters(folder: Path) -> int:
+    """Values stored in a safetensors checkpoint folder's weight shards (the index's, else the single
+    file: not reference-logits.safetensors beside them), from their headers: a card's parameter
+    count without importing torch (the card step would otherwise pay ~1.8 s for it)."""
+    from release.datafiles import data_file
+
+    names = data_file("checkpoint_files.json")["weights"]
+    index = Path(folder) / names["safetensors_index"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = [names["safetensors_single"]]
+    total = 0
+    for name in files:
+        header = parse_safetensors_header(Path(folder) / name)[1]
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total

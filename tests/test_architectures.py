@@ -18,6 +18,7 @@ import torch
 
 from release.architectures import registry
 from release.formats.gguf import write_gguf
+from release.resources import cpu_threads
 from tests.tiny_archs import ARCHS, REGISTRY_NAME, make_model, save
 
 VOCAB = 49152  # the fixture's tokenizer
@@ -38,7 +39,7 @@ def _kl(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
 def _llama_logits(path: Path, ids: list[int]) -> torch.Tensor:
     from llama_cpp import Llama
 
-    m = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    m = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=cpu_threads())
     try:
         m.eval(ids)
         return torch.tensor(np.array(m.scores[: len(ids)]))
@@ -49,7 +50,7 @@ def _llama_logits(path: Path, ids: list[int]) -> torch.Tensor:
 def _greedy_llama(path: Path, ids: list[int], n: int) -> list[int]:
     from llama_cpp import Llama
 
-    m = Llama(model_path=str(path), n_ctx=512, verbose=False, n_threads=2)
+    m = Llama(model_path=str(path), n_ctx=512, verbose=False, n_threads=cpu_threads())
     try:
         out = []
         for tok in m.generate(ids, temp=0.0, top_k=1, reset=True):
@@ -75,6 +76,24 @@ def built(smollm2, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def f16_logits(built):
+    """arch -> (token ids, transformers' float32 logits, llama.cpp's logits of the F16 file), computed
+    once per architecture: the F16 test and each damage test of that architecture compare against them."""
+    cache: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+
+    def get(arch: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        if arch not in cache:
+            _, model, folder = built[arch]
+            ids = _ids()
+            with torch.no_grad():
+                ref = model(torch.tensor([ids])).logits[0]
+            cache[arch] = (ids, ref, _llama_logits(folder / "m-F16.gguf", ids))
+        return cache[arch]
+
+    return get
+
+
 def _spec(arch: str) -> dict:
     return registry()[REGISTRY_NAME.get(arch, arch)]
 
@@ -85,12 +104,10 @@ def test_every_architecture_file_is_proven_here():
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_f16_matches_transformers_and_quants_run(built, arch):
+def test_f16_matches_transformers_and_quants_run(built, f16_logits, arch):
     _, model, folder = built[arch]
-    ids = _ids()
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0]
-    kl, top1 = _kl(ref, _llama_logits(folder / "m-F16.gguf", ids))
+    ids, ref, got = f16_logits(arch)
+    kl, top1 = _kl(ref, got)
     print(f"{arch}: KL(transformers || llama.cpp F16) {kl:.2e}, top-1 {top1:.3f}")
     assert kl < F16_KL and top1 > 0.95, (kl, top1)
     # Greedy continuation: every token llama.cpp picks is transformers' argmax on the same path
@@ -148,13 +165,11 @@ DAMAGE = {
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("mistake", list(DAMAGE))
-def test_each_conversion_mistake_is_caught(built, mistake):
+def test_each_conversion_mistake_is_caught(built, f16_logits, mistake):
     arch, tensor, how = DAMAGE[mistake]
-    _, model, folder = built[arch]
-    ids = _ids(1)
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0]
-    kl_good, _ = _kl(ref, _llama_logits(folder / "m-F16.gguf", ids))
+    folder = built[arch][2]
+    ids, ref, good = f16_logits(arch)
+    kl_good, _ = _kl(ref, good)
     kl_bad, _ = _kl(ref, _llama_logits(_damage(folder / "m-F16.gguf", tensor, how), ids))
     print(f"{mistake}: KL {kl_good:.2e} -> {kl_bad:.2e}")
     assert kl_good < F16_KL < kl_bad, (kl_good, kl_bad)

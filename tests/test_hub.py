@@ -357,22 +357,59 @@ print(json.dumps({{"code": code, "heavy": heavy}}), file=sys.stderr)
 """
 
 
+def _base_dependencies() -> Path:
+    """A venv holding the base install's dependencies, resolved by pip from PyPI once per machine for
+    this pyproject.toml and Python (the cache key), beside the SmolLM2 fixture. A changed dependency
+    list is a new key, so a new resolve from nothing; the package itself is never cached."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from release.fixtures import cache_root
+
+    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()[:16]
+    venv = cache_root() / f"base-install-{key}"
+    with FileLock(f"{venv}.lock"):
+        if (venv / "ready").is_file():
+            return venv
+        shutil.rmtree(venv, ignore_errors=True)
+        src = venv.with_name(venv.name + "-src")  # a copy: building in the checkout would leave build/ in it
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(ROOT / "release", src / "release", ignore=shutil.ignore_patterns("__pycache__"))
+        for f in ("pyproject.toml", "README.md"):
+            shutil.copyfile(ROOT / f, src / f)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        started = time.monotonic()
+        r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            str(src)], capture_output=True, text=True, timeout=1200)  # fmt: skip
+        shutil.rmtree(src, ignore_errors=True)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        print(f"base install, dependencies resolved: {time.monotonic() - started:.0f} s")
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "model-release"], check=True
+        )
+        (venv / "ready").write_text(key)
+        return venv
+
+
 @pytest.fixture(scope="module")
 def base_venv(tmp_path_factory):
-    """A fresh venv with `pip install model-release` from this checkout, no extras (from PyPI)."""
+    """A venv with `pip install model-release` from this checkout, no extras: a copy of the cached
+    dependencies (``_base_dependencies``) with this checkout's package installed into it without
+    dependencies, which must then import and run with nothing else (`pip check` agrees)."""
     base = tmp_path_factory.mktemp("base-install")
     src = base / "src"  # a copy: building from the checkout itself would leave build/ in it
     shutil.copytree(ROOT / "release", src / "release", ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("pyproject.toml", "README.md"):
         shutil.copyfile(ROOT / f, src / f)
     venv = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    started = time.monotonic()
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(src)],
-                       capture_output=True, text=True, timeout=1200)  # fmt: skip
+    shutil.copytree(_base_dependencies(), venv, symlinks=True)
+    py = str(venv / "bin" / "python")  # `python -m pip`: the copied bin/pip's shebang names the cached venv
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", str(src)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    size = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
-    print(f"base install: {time.monotonic() - started:.0f} s, venv {size / 1e6:.0f} MB")
+    r = subprocess.run([py, "-m", "pip", "check", "--disable-pip-version-check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr  # every requirement of this checkout's package is there
     return venv
 
 

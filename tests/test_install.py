@@ -60,3 +60,20 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
     r = _probe("validate", str(tmp_path / "x.gguf"), "-r", str(tmp_path / "r.safetensors"), "--json", hide="torch")
     assert r["code"] == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_jsonschema_checks_iris_without_compiling_grammars_at_import():
+    """release.deferred: importing jsonschema after release does not compile rfc3987_syntax's Lark
+    grammars (1.1-1.5 s per process), and the IRI formats the CycloneDX schema uses are still
+    checked by rfc3987_syntax itself once one is asked for."""
+    code = """
+import json, sys, time
+import release, jsonschema
+loaded = "lark" in sys.modules
+fc = jsonschema.Draft7Validator.FORMAT_CHECKER
+bad = fc.conforms("http://example.com/a b", "iri-reference")
+good = fc.conforms("https://example.com/caf\\u00e9?x=1#f", "iri")
+print(json.dumps({"lark_at_import": loaded, "bad": bad, "good": good, "lark_after": "lark" in sys.modules}))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(p.stdout) == {"lark_at_import": False, "bad": False, "good": True, "lark_after": True}

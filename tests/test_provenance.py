@@ -185,8 +185,10 @@ def _reproduce(cli, folder: Path, variant: str, *extra: object) -> tuple[int, di
     return r.exit_code, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}), r.stderr
 
 
-def test_reproduce_gguf_byte_identical_and_a_tampered_tensor_named(demo_release, cli, tmp_path, tiny):
+def test_reproduce_gguf_byte_identical_and_a_tampered_tensor_named(demo_release, cli, tmp_path, tiny, monkeypatch):
     from gguf import GGUFReader
+
+    from release import reproduce
 
     gguf = demo_release.dir / f"{DEMO}-GGUF"
     for variant in ("Q8_0", "Q4_K_M"):  # from the release's own safetensors folder (same checkpoint hash)
@@ -209,7 +211,12 @@ def test_reproduce_gguf_byte_identical_and_a_tampered_tensor_named(demo_release,
     assert [t["name"] for t in out["tensors"]] == ["blk.3.attn_q.weight"] and out["metadata"] == []
     assert out["tensors"][0]["max_abs_diff"] > 0 and out["kl_mean"] > 0 and out["kl_max"] > out["kl_mean"]
     assert not out["files"][0]["matches_build_record"]
+    # The human form of that same result (not rebuilt a second time: the command prints what
+    # reproduce() returns) names the tensor and the KL, and exits 1.
+    fields = {k: v for k, v in out.items() if k != "ok"}
+    monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: reproduce.ReproduceResult(**fields))
     human = cli("reproduce", folder, "--variant", "Q4_K_M")
+    monkeypatch.undo()
     assert human.exit_code == 1 and "tensor blk.3.attn_q.weight" in human.stdout and "KL of the rebuilt" in human.stdout
     # A source with another checkpoint hash is refused, both hashes named.
     src, _, _ = tiny()

@@ -1,6 +1,7 @@
 """The release workflow's logic, run here (issue 23): `.github/workflows/release.yml` is read, and
 every job's own `run:` commands run with their `env:`, in the order `needs:` gives, each job in its
-own folder as a separate runner would, on the SmolLM2 release against a local Hub. Jobs hand data
+own folder as a separate runner would, on a tiny release (a tiny Llama model with SmolLM2's tokenizer,
+its GGUF variant a split set) against a local Hub. Jobs hand data
 over only the way the workflow does: the shared workspace (`vars.RELEASE_WORKSPACE`). The last job
 fetches a published variant back and verifies it. A local composite action (the release action
 other repositories use) runs its own steps with its inputs. Not run: installation steps (`make
@@ -23,10 +24,13 @@ import pytest
 import yaml
 
 from release.signing import keygen
-from tests.conftest import DEMO, ROOT, demo_release_file
+from tests.conftest import ROOT, demo_release_file
 
 pytestmark = pytest.mark.real_model
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
+WORKFLOW_DATA = yaml.safe_load(WORKFLOW.read_text())
+TINY = "Tiny-Llama-ci"  # the release's name
+SPLIT = "5MB"  # the Q8_0 file (15 MB, 2.6 MB of it the vocabulary) in three parts
 EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)+")
 
@@ -77,12 +81,12 @@ def _checkout(folder: Path, config: Path, public_key: Path) -> None:
     (folder / ".venv").symlink_to(Path(sys.prefix))
 
 
-def test_the_release_workflow_runs_job_by_job_and_publishes_a_verified_release(smollm2, tmp_path):
-    workflow = yaml.safe_load(WORKFLOW.read_text())
-    jobs = workflow["jobs"]
-    # The demo release with one GGUF type (GPTQ as the demo makes it: fewer windows fail its validation).
-    config = demo_release_file(tmp_path / "release-ci.yaml", gguf={"types": ["Q8_0"]},
-                               gptq={"bits": 4, "samples": 12, "seq_len": 256})  # fmt: skip
+@pytest.fixture(scope="module")
+def workflow(smollm2, tmp_path_factory) -> dict:
+    """Every job of release.yml run in order on a tiny release (below); returns what the tests read."""
+    tmp_path = tmp_path_factory.mktemp("workflow")
+    jobs = WORKFLOW_DATA["jobs"]
+    config = _tiny_release(tmp_path, smollm2.hf)
     priv, pub = keygen(tmp_path / "keys")
     hub, workspace = tmp_path / "hub", tmp_path / "shared"
     ctx = {
@@ -101,7 +105,7 @@ def test_the_release_workflow_runs_job_by_job_and_publishes_a_verified_release(s
         (runner / "temp" / "model-release").symlink_to(Path(sys.prefix))  # what the action's install step makes
         github = {"GITHUB_REF_NAME": ctx["github"]["ref_name"], "GITHUB_REPOSITORY": ctx["github"]["repository"]}
         base = {**os.environ, **github, "RUNNER_TEMP": str(runner / "temp"), "HF_ENDPOINT": f"local:{hub}"}
-        ctx["env"] = _env(workflow.get("env"), ctx) | _env(spec.get("env"), ctx)
+        ctx["env"] = _env(WORKFLOW_DATA.get("env"), ctx) | _env(spec.get("env"), ctx)
         ran[name] = []
         for step in spec["steps"]:
             uses = step.get("uses", "")
@@ -133,6 +137,32 @@ def test_the_release_workflow_runs_job_by_job_and_publishes_a_verified_release(s
                 assert r.returncode == 0, f"job {name}, step {s.get('name') or script[:60]!r}:\n{r.stdout[-3000:]}\n" \
                                           f"{r.stderr[-3000:]}\n{said}"  # fmt: skip
                 ran[name].append(r.stdout + r.stderr)
+    dist = workspace / ctx["github"]["repository"] / "v1.0" / f"{TINY}-1.0"
+    return {"tmp": tmp_path, "ran": ran, "dist": dist, "hub": hub, "pub": pub}
+
+
+def _tiny_release(tmp_path: Path, tokenizer_from: Path) -> Path:
+    """The demo's release file on a tiny Llama model with SmolLM2's tokenizer: the workflow's logic
+    does not need the real model's weights (its builds are the demo's, tests/conftest.py), and a
+    tiny model makes every job seconds instead of minutes. GPTQ 8-bit, whose validation passes on a
+    few calibration windows; the Q8_0 file written as a split set, as a 70B GGUF is."""
+    from tests.tiny_archs import make_model, save
+
+    src = save(make_model("llama3", 49152, tie_word_embeddings=False), tmp_path / "tiny-src", tokenizer_from)
+    config = demo_release_file(tmp_path / "release-ci.yaml", gguf={"types": ["Q8_0"], "split_max_size": SPLIT},
+                               gptq={"bits": 8, "samples": 4, "seq_len": 128})  # fmt: skip
+    data = yaml.safe_load(config.read_text())
+    data["source"] = {"path": str(src)}
+    data["release"]["name"] = TINY
+    data["release"]["repo_url"] = f"https://huggingface.co/example/{TINY}"
+    data["publish"]["repo"] = f"example/{TINY}"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def test_the_release_workflow_runs_job_by_job_and_publishes_a_verified_release(workflow):
+    jobs = WORKFLOW_DATA["jobs"]
+    tmp_path, ran, dist = workflow["tmp"], workflow["ran"], workflow["dist"]
     assert set(ran) == {"check", "prepare", "gguf", "gptq", "publish"}
 
     def statuses(job: str, file: str) -> dict[str, str]:
@@ -155,11 +185,37 @@ def test_the_release_workflow_runs_job_by_job_and_publishes_a_verified_release(s
     # Published with the tag, and the fetch-back step verified the signature and the logits.
     fetched = ran["publish"][-1]
     assert "verified: sha256 of every file, signature, build record, logits" in fetched, fetched
-    dist = workspace / ctx["github"]["repository"] / "v1.0" / f"{DEMO}-1.0"
-    for folder in (DEMO, f"{DEMO}-GGUF", f"{DEMO}-GPTQ"):
+    for folder in (TINY, f"{TINY}-GGUF", f"{TINY}-GPTQ"):
         assert (dist / folder / "release.sig").is_file() and (dist / folder / "provenance.intoto.jsonl").is_file()
     # The secrets stayed in the protected job: no other job's environment had them.
     for name, spec in jobs.items():
         text = json.dumps(spec)
         assert ("secrets." in text) == (name == "publish"), name
     assert not list((tmp_path / "runners" / "publish" / "temp").glob("signing.key"))
+
+
+def test_split_release_is_one_variant_in_manifest_card_and_fetch(workflow):
+    """variants.gguf.split_max_size through the whole release: the Q8_0 file is a split set, one
+    variant in the build's summary, the manifest and the card, published, and fetched back whole
+    by the workflow's fetch-back (`--variant Q8_0`, signature and logits checked)."""
+    dist = workflow["dist"]
+    out = json.loads((workflow["tmp"] / "runners" / "gguf" / "repo" / "build-gguf.json").read_text())
+    row = next(v for v in out["variants"] if v["family"] == "gguf")
+    gguf_dir = dist / f"{TINY}-GGUF"
+    parts = sorted(gguf_dir.glob("*.gguf"))
+    # A tensor is never cut: the embeddings (with the vocabulary, in the first part) and the output
+    # matrix each exceed 5 MB and stand alone; the decoder layers fill the part between them.
+    assert len(parts) == 3, [p.stat().st_size for p in parts]
+    assert row["variant"] == "Q8_0" and row["bytes"] == sum(p.stat().st_size for p in parts) and row["passed"]
+    assert all(s["peak_rss_bytes"] > 0 for s in out["steps"] if s["status"] == "done")
+    manifest = json.loads((gguf_dir / "release-manifest.json").read_text())
+    assert list(manifest["variants"]) == ["Q8_0"] and manifest["variants"]["Q8_0"]["passed"]
+    listed = {f["path"]: f["variant"] for f in manifest["files"] if f["path"].endswith(".gguf")}
+    assert listed == {p.name: "Q8_0" for p in parts}
+    card = (gguf_dir / "README.md").read_text()
+    assert all(p.name in card for p in parts) and "GGUF (split)" in card
+    fetched = workflow["tmp"] / "runners" / "publish" / "temp" / "fetched"
+    assert sorted(p.name for p in fetched.glob("*.gguf")) == [p.name for p in parts]
+    assert all((fetched / p.name).read_bytes() == p.read_bytes() for p in parts)
+    logs = {p.stem for p in (dist / ".work" / "logs").glob("*.log")}
+    assert {"convert", "reference", "gguf-Q8_0", "validate-gguf-Q8_0"} <= logs

@@ -252,45 +252,6 @@ def test_gguf_split_set_loads_in_llama_cpp_as_one_variant(smollm2, smollm2_refer
     assert not leftovers(tmp_path)
 
 
-def test_split_release_is_one_variant_in_manifest_card_and_fetch(smollm2, tmp_path, cli):
-    """build with variants.gguf.split_max_size, publish to the local Hub, fetch the variant back."""
-    import yaml
-
-    from release.signing import keygen
-    from tests.conftest import DEMO as NAME
-    from tests.conftest import demo_release_file as _release_file
-
-    rf = _release_file(tmp_path / "release.yaml", gguf={"types": ["Q8_0"], "split_max_size": "60MB"})
-    priv, pub = keygen(tmp_path / "keys")
-    r = cli("build", rf, "-o", tmp_path / "dist", "--key", priv, "--json")
-    assert r.exit_code == 0, r.stdout
-    out = json.loads(r.stdout)
-    row = next(v for v in out["variants"] if v["family"] == "gguf")
-    dist = Path(out["release_dir"])
-    gguf_dir = dist / f"{NAME}-GGUF"
-    parts = sorted(gguf_dir.glob("*.gguf"))
-    assert len(parts) == 3 and row["bytes"] == sum(p.stat().st_size for p in parts) and row["passed"]
-    assert all(s["peak_rss_bytes"] > 0 for s in out["steps"] if s["status"] == "done")
-    manifest = json.loads((gguf_dir / "release-manifest.json").read_text())
-    assert list(manifest["variants"]) == ["Q8_0"] and manifest["variants"]["Q8_0"]["passed"]
-    listed = {f["path"]: f["variant"] for f in manifest["files"] if f["path"].endswith(".gguf")}
-    assert listed == {p.name: "Q8_0" for p in parts}
-    card = (gguf_dir / "README.md").read_text()
-    assert all(p.name in card for p in parts) and "GGUF (split)" in card
-    data = yaml.safe_load(rf.read_text())
-    hub = tmp_path / "hub"
-    r = cli("publish", dist, "--endpoint", f"local:{hub}", "--repo", data["publish"]["repo"], "--json")
-    assert r.exit_code == 0, r.stdout
-    repo = f"{data['publish']['repo']}-GGUF"
-    r = cli("fetch", repo, "--variant", "Q8_0", "-o", tmp_path / "fetched", "--endpoint", f"local:{hub}",
-            "--public-key", pub, "--json")  # fmt: skip
-    assert r.exit_code == 0, r.stdout
-    got = sorted(p.name for p in (tmp_path / "fetched").glob("*.gguf"))
-    assert got == [p.name for p in parts]
-    logs = {p.stem for p in (dist / ".work" / "logs").glob("*.log")}
-    assert {"convert", "reference", "gguf-Q8_0", "validate-gguf-Q8_0"} <= logs
-
-
 def test_build_without_a_repository_is_refused_before_work(tmp_path, cli):
     """Found at 7B: the manifest step failed after 12 minutes of building for want of repo_url."""
     import yaml
