@@ -7,8 +7,6 @@ headers only; tensor data stay on disk until a writer asks for them, one at a ti
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -19,23 +17,10 @@ import torch
 
 from release import TOOL_NAME, hashing
 from release.architectures import Architecture, resolve
+from release.checkpoint_files import natural_key, read_json, weight_files
 from release.datafiles import data_file
 from release.errors import BadInputError
 from release.tensors import TensorFile, TensorRef, TorchPickleFile, open_tensor_file, tensor_bytes
-
-
-def natural_key(name: str) -> list[object]:
-    """Sort ``layers.10`` after ``layers.9``."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInputError(f"missing {what}: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: invalid JSON ({exc})") from None
 
 
 @dataclass
@@ -106,28 +91,6 @@ class Checkpoint:
         self.close()
 
 
-def _weight_files(root: Path) -> tuple[str, list[Path], dict[str, str] | None]:
-    names = data_file("checkpoint_files.json")["weights"]
-    for kind in ("safetensors", "pytorch"):
-        index = root / names[f"{kind}_index"]
-        if index.is_file():
-            weight_map = read_json(index, "index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise BadInputError(f"{index}: no weight_map")
-            files = sorted(set(weight_map.values()), key=natural_key)
-            missing = [f for f in files if not (root / f).is_file()]
-            if missing:
-                raise BadInputError(f"{root}: shard {missing[0]} listed in {index.name} is missing")
-            return "hf-sharded", [root / f for f in files], weight_map
-        single = root / names[f"{kind}_single"]
-        if single.is_file():
-            return "hf-single", [single], None
-    raise BadInputError(
-        f"{root}: no weights found (looked for {', '.join(names.values())})",
-        hint="pass a single state-dict file next to its config.json as SRC",
-    )
-
-
 def open_checkpoint(src: Path) -> Checkpoint:
     """Open a checkpoint folder or a single state-dict file; reads headers only."""
     src = Path(src)
@@ -138,7 +101,7 @@ def open_checkpoint(src: Path) -> Checkpoint:
         root, layout, paths = src.parent, "state-dict-file", [src]
     else:
         root = src
-        layout, paths, weight_map = _weight_files(root)
+        layout, paths, weight_map = weight_files(root)
     config = read_json(root / "config.json", "config.json (the model's configuration)")
     if not isinstance(config, dict):
         raise BadInputError(f"{root / 'config.json'}: not a JSON object")

@@ -45,19 +45,13 @@ def folder_metadata(folder: Path) -> dict[str, str]:
 
 
 def folder_parameters(folder: Path) -> int:
-    """Values stored in a safetensors checkpoint folder's weight shards (the index's, else the single
-    file: not reference-logits.safetensors beside them), from their headers: a card's parameter
+    """Values stored in a safetensors checkpoint folder's weight shards (those ``weight_files``
+    finds: not reference-logits.safetensors beside them), from their headers: a card's parameter
     count without importing torch (the card step would otherwise pay ~1.8 s for it)."""
-    from release.datafiles import data_file
+    from release.checkpoint_files import weight_files
 
-    names = data_file("checkpoint_files.json")["weights"]
-    index = Path(folder) / names["safetensors_index"]
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    else:
-        files = [names["safetensors_single"]]
     total = 0
-    for name in files:
-        header = parse_safetensors_header(Path(folder) / name)[1]
+    for path in weight_files(Path(folder))[1]:
+        header = parse_safetensors_header(path)[1]
         total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return total

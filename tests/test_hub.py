@@ -357,6 +357,15 @@ print(json.dumps({{"code": code, "heavy": heavy}}), file=sys.stderr)
 """
 
 
+def _source_copy(dest: Path) -> Path:
+    """What `pip install` builds from: the package, pyproject.toml and README.md, copied (building from
+    the checkout itself would leave build/ in it)."""
+    shutil.copytree(ROOT / "release", dest / "release", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / f, dest / f)
+    return dest
+
+
 def _base_dependencies() -> Path:
     """A venv holding the base install's dependencies, resolved by pip from PyPI once per machine for
     this pyproject.toml and Python (the cache key), beside the SmolLM2 fixture. A changed dependency
@@ -373,11 +382,9 @@ def _base_dependencies() -> Path:
         if (venv / "ready").is_file():
             return venv
         shutil.rmtree(venv, ignore_errors=True)
-        src = venv.with_name(venv.name + "-src")  # a copy: building in the checkout would leave build/ in it
+        src = venv.with_name(venv.name + "-src")
         shutil.rmtree(src, ignore_errors=True)
-        shutil.copytree(ROOT / "release", src / "release", ignore=shutil.ignore_patterns("__pycache__"))
-        for f in ("pyproject.toml", "README.md"):
-            shutil.copyfile(ROOT / f, src / f)
+        _source_copy(src)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         started = time.monotonic()
         r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
@@ -398,10 +405,7 @@ def base_venv(tmp_path_factory):
     dependencies (``_base_dependencies``) with this checkout's package installed into it without
     dependencies, which must then import and run with nothing else (`pip check` agrees)."""
     base = tmp_path_factory.mktemp("base-install")
-    src = base / "src"  # a copy: building from the checkout itself would leave build/ in it
-    shutil.copytree(ROOT / "release", src / "release", ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("pyproject.toml", "README.md"):
-        shutil.copyfile(ROOT / f, src / f)
+    src = _source_copy(base / "src")
     venv = base / "venv"
     shutil.copytree(_base_dependencies(), venv, symlinks=True)
     py = str(venv / "bin" / "python")  # `python -m pip`: the copied bin/pip's shebang names the cached venv
