@@ -18,7 +18,7 @@ import torch
 
 from release.architectures import registry
 from release.formats.gguf import write_gguf
-from release.resources import cpu_threads
+from release.validation.runtimes import llama_threads
 from tests.tiny_archs import ARCHS, REGISTRY_NAME, make_model, save
 
 VOCAB = 49152  # the fixture's tokenizer
@@ -39,7 +39,7 @@ def _kl(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
 def _llama_logits(path: Path, ids: list[int]) -> torch.Tensor:
     from llama_cpp import Llama
 
-    m = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=cpu_threads())
+    m = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, **llama_threads())
     try:
         m.eval(ids)
         return torch.tensor(np.array(m.scores[: len(ids)]))
@@ -50,7 +50,7 @@ def _llama_logits(path: Path, ids: list[int]) -> torch.Tensor:
 def _greedy_llama(path: Path, ids: list[int], n: int) -> list[int]:
     from llama_cpp import Llama
 
-    m = Llama(model_path=str(path), n_ctx=512, verbose=False, n_threads=cpu_threads())
+    m = Llama(model_path=str(path), n_ctx=512, verbose=False, **llama_threads())
     try:
         out = []
         for tok in m.generate(ids, temp=0.0, top_k=1, reset=True):

@@ -17,7 +17,7 @@ import torch
 from release.formats.gguf import write_gguf
 from release.inspect import describe
 from release.metadata import BaseModel, ReleaseMetadata
-from release.resources import cpu_threads
+from release.validation.runtimes import llama_threads
 from tests.conftest import leftovers
 
 # Prompts for logits: plain, medical, code, French, numbers.
@@ -69,7 +69,7 @@ META = ReleaseMetadata(
 def llama(path: Path, **kw):
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=cpu_threads(), **kw)
+    return Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, **llama_threads(), **kw)
 
 
 def kl_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:

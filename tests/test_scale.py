@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from release.errors import BadInputError
+from release.validation.runtimes import llama_threads
 from tests.conftest import leftovers, tiny_config, tiny_state, write_folder
 
 pytestmark = pytest.mark.real_model
@@ -234,8 +235,9 @@ def test_gguf_split_set_loads_in_llama_cpp_as_one_variant(smollm2, smollm2_refer
             "split.tensors.count",
         }
     ids = [1, 504, 3458, 282, 4649, 314]
-    a = Llama(model_path=str(parts[0]), logits_all=True, verbose=False, n_ctx=64)
-    b = Llama(model_path=str(tmp_path / "one" / "m-Q8_0.gguf"), logits_all=True, verbose=False, n_ctx=64)
+    kw = {"logits_all": True, "verbose": False, "n_ctx": 64, **llama_threads()}
+    a = Llama(model_path=str(parts[0]), **kw)
+    b = Llama(model_path=str(tmp_path / "one" / "m-Q8_0.gguf"), **kw)
     a.eval(ids)
     b.eval(ids)
     assert (a.scores[: len(ids)] == b.scores[: len(ids)]).all()

@@ -65,6 +65,25 @@ def test_good_variants_pass_and_reports_are_written(setup, cli):
         assert "| pass |" in Path(v["reports"]["markdown"]).read_text()
 
 
+def test_llama_cpp_runs_prompt_batches_on_the_steps_threads(setup, monkeypatch):
+    """Validation is all prompt batches: they must run on the step's thread count (a Ray task's CPU
+    request, a test worker's share), not llama-cpp-python's default of every core."""
+    from release.validation.runtimes import LlamaCppRuntime
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rt = LlamaCppRuntime(setup["q8"], n_ctx=64)
+    try:
+        params = rt.llm.context_params
+        assert (params.n_threads, params.n_threads_batch) == (1, 1)
+    finally:
+        rt.close()
+    rt = LlamaCppRuntime(setup["q8"], n_ctx=64, threads=3)
+    try:
+        assert (rt.llm.context_params.n_threads, rt.llm.context_params.n_threads_batch) == (3, 3)
+    finally:
+        rt.close()
+
+
 def test_gguf_with_two_layers_swapped_fails(setup, cli, tmp_path):
     bad = tmp_path / "swapped.gguf"
     shutil.copyfile(setup["q8"], bad)

@@ -17,6 +17,7 @@ import torch
 
 from release.errors import BadInputError
 from release.formats.gguf_names import variant_files
+from release.resources import cpu_threads
 
 
 def detect(path: Path) -> str:
@@ -186,6 +187,15 @@ def check_gptq_fits(path: Path, device: str, tokens: int) -> None:
         )
 
 
+def llama_threads(threads: int | None = None) -> dict[str, int]:
+    """``llama_cpp.Llama``'s two thread counts, both the step's (``cpu_threads``). Left out,
+    llama-cpp-python gives prompt batches, which is all validation runs, every core of the machine
+    (``n_threads_batch``): past a step's budget, and on a shared machine ggml's spinning threads
+    tripled a validation's time (2 cores, two at once: 17 s each instead of 9)."""
+    n = threads or cpu_threads()
+    return {"n_threads": n, "n_threads_batch": n}
+
+
 class LlamaCppRuntime(Runtime):
     name = "llama.cpp"
 
@@ -200,8 +210,9 @@ class LlamaCppRuntime(Runtime):
             # would precede our one error line. The exception says what went wrong.
             with contextlib.redirect_stderr(io.StringIO()):
                 self.llm = Llama(
-                    model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, n_batch=512
-                )
+                    model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_batch=512,
+                    **llama_threads(threads),
+                )  # fmt: skip
         except (ValueError, RuntimeError) as exc:
             raise BadInputError(f"{path}: llama.cpp cannot load it ({exc})") from None
         self.vocab_size = int(self.llm.n_vocab())
