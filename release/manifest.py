@@ -122,10 +122,9 @@ def write_manifest(
     variants: dict[str, Any] = {}
     files = []
     if kind == "gguf":
-        from release.formats.gguf import gguf_types
         from release.formats.gguf_names import set_name
 
-        known = list(gguf_types())
+        known = list(data_file("gguf", "types.json")["types"])  # the names only: no torch, unlike formats.gguf
         stems: dict[str, str] = {}  # a variant's file stem -> its type; its reports share the stem
         for g in sorted(folder.glob("*.gguf")):
             logical = Path(set_name(g.name))  # the parts of a split set are one variant

@@ -377,6 +377,27 @@ def test_a_temporary_step_runs_only_when_a_reader_must_and_goes_when_all_have_su
     assert not inter.exists()
 
 
+def test_of_the_ready_steps_the_one_heading_the_costliest_chain_starts_first(tmp_path):
+    """release/data/step_costs.json orders the ready steps: GPTQ (the longest step) starts before the
+    GGUF steps planned ahead of it, and a cheap step a costly one waits on (convert, then IQ2_XS)
+    before a costlier step that ends its chain (reference). The plan's own order would run them as listed."""
+    from release.pipeline.local import LocalExecutor
+    from release.pipeline.records import Records
+    from release.pipeline.schedule import run_plan
+    from release.pipeline.steps import Plan
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "logs").mkdir()
+    listed = {"gguf-Q8_0": [], "reference": [], "convert": [], "gguf-IQ2_XS": ["convert"], "gptq": [],
+              "validate-gptq": ["gptq"]}  # fmt: skip
+    steps = [_counting_step(tmp_path, name, deps) for name, deps in listed.items()]
+    results = run_plan(Plan(tmp_path, steps, []), Records(tmp_path), LocalExecutor(), logs=tmp_path / "logs",
+                       jobs=1, budget=1 << 40)  # fmt: skip
+    assert {r.status for r in results.values()} == {"done"}
+    ran = (tmp_path / "runs.log").read_text().split()
+    assert ran == ["gptq", "convert", "gguf-IQ2_XS", "validate-gptq", "reference", "gguf-Q8_0"]
+
+
 def test_device_of_a_forward_pass_does_not_make_a_step_stale_but_gptqs_does():
     """The release workflow makes the reference on a CPU runner and GPTQ on a GPU runner in the same
     folder: the reference (and the importance matrix and validations) must stay up to date there."""

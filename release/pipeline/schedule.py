@@ -1,5 +1,6 @@
 """The scheduler: runs a plan's steps through an executor in dependency order, executor-neutral.
 
+Ready steps start costliest chain first (``critical_path``, from ``data/step_costs.json``).
 It decides, for each step in turn: blocked (an earlier step failed, or a validation it follows
 said no), skipped (its record matches its inputs), or started (when ``jobs`` and the memory budget
 leave room). The executor only starts and polls; records, events and failure lines are made here,
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from release.datafiles import data_file
 from release.pipeline.local import Executor, failure_message
 from release.pipeline.records import Records, digest, fingerprint
 from release.pipeline.steps import Plan, Step, StepResult
@@ -33,6 +35,32 @@ def step_inputs(step: Step, records: Records, temp_inputs: dict[str, str]) -> st
     consumed (a dependency's recorded files; a temporary one's inputs, its files being removed)."""
     deps = {d: temp_inputs.get(d) or records.fingerprint(d) for d in step.deps}
     return digest({"argv": step.digest_argv(), "settings": step.settings, "deps": deps})
+
+
+def step_cost(name: str, table: dict[str, Any] | None = None) -> float:
+    """A step's estimated run time relative to the others (``data/step_costs.json``): the longest
+    key its name starts with (``gguf-IQ2_XS`` -> ``gguf-IQ``), else the default."""
+    table = table or data_file("step_costs.json")
+    keys = [k for k in table["costs"] if name.startswith(k)]
+    return float(table["costs"][max(keys, key=len)] if keys else table["default"])
+
+
+def critical_path(plan: Plan) -> dict[str, float]:
+    """Each step's cost plus that of the costliest chain of steps waiting on it: the order the
+    scheduler starts ready steps in (highest first), so that the longest chain (GPTQ, then its
+    validation, the cards and the manifest) starts at once instead of behind every GGUF step."""
+    table = data_file("step_costs.json")
+    waiting = {s.name: [r.name for r in plan.steps if s.name in r.deps] for s in plan.steps}
+    rank: dict[str, float] = {}
+
+    def of(name: str) -> float:
+        if name not in rank:
+            rank[name] = step_cost(name, table) + max((of(w) for w in waiting[name]), default=0.0)
+        return rank[name]
+
+    for step in plan.steps:
+        of(step.name)
+    return rank
 
 
 def preview(plan: Plan, records: Records) -> dict[str, str]:
@@ -82,7 +110,8 @@ def run_plan(
     results: dict[str, StepResult] = {}
     planned = {s.name for s in plan.steps}
     readers = {s.name: [r.name for r in plan.steps if s.name in r.deps] for s in plan.steps if s.temporary}
-    pending = list(plan.steps)
+    rank = critical_path(plan)
+    pending = sorted(plan.steps, key=lambda s: -rank[s.name])  # stable: ties keep the plan's order
     running: dict[str, tuple[Any, Step, str, float]] = {}
     on_demand: dict[str, tuple[Step, str]] = {}  # temporary steps not run (yet): nothing needed them
     temp_inputs: dict[str, str] = {}
