@@ -203,6 +203,35 @@ def test_chat_template_survives(written, hf):
 
 
 @pytest.mark.real_model
+def test_header_reader_agrees_with_gguf_py(written, tmp_path):
+    """release.formats.gguf_header (the quantize step's and the intermediate check's reader) gives
+    gguf-py's keys, values, tensor table and data offset, on our own F16 file and llama.cpp's Q4_K_M;
+    a file cut inside its vocabulary or without the magic is refused."""
+    from release.formats.gguf_header import ArrayField, read_header
+
+    _, out = written
+    for name in ("SmolLM2-135M-Instruct-F16.gguf", "SmolLM2-135M-Instruct-Q4_K_M.gguf"):
+        r, h = gguf.GGUFReader(out / name), read_header(out / name)
+        assert list(h.fields) == [k for k in r.fields if not k.startswith("GGUF.")]
+        for k in h.fields:
+            assert h.value(k) == r.fields[k].contents(), (name, k)
+        assert isinstance(h.fields["tokenizer.ggml.tokens"], ArrayField)
+        assert [(t.name, t.shape, t.tensor_type, t.offset, t.n_elements) for t in h.tensors] == [
+            (t.name, tuple(int(d) for d in t.shape), t.tensor_type, int(t.data_offset), int(t.n_elements))
+            for t in r.tensors
+        ]
+        assert h.data_offset == r.data_offset
+    f16 = out / "SmolLM2-135M-Instruct-F16.gguf"
+    whole = f16.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[: read_header(f16).data_offset // 2])  # inside the vocabulary
+    with pytest.raises(ValueError, match="past the end"):
+        read_header(tmp_path / "cut.gguf")
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + whole[4:4096])
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_header(tmp_path / "not.gguf")
+
+
+@pytest.mark.real_model
 def test_metadata_reads_back(written, smollm2):
     """Every type's file, as llama.cpp reads it (its own GGUF parser, vocabulary only, 0.3 s a
     file), carries the release's metadata; one file is read again with gguf-py for the types of

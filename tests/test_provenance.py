@@ -186,9 +186,10 @@ def _reproduce(cli, folder: Path, variant: str, *extra: object) -> tuple[int, di
 
 
 def test_reproduce_gguf_byte_identical_and_a_tampered_tensor_named(demo_release, cli, tmp_path, tiny, monkeypatch):
-    from gguf import GGUFReader
+    import numpy as np
 
     from release import reproduce
+    from release.formats.gguf_header import read_header
 
     gguf = demo_release.dir / f"{DEMO}-GGUF"
     for variant in ("Q8_0", "Q4_K_M"):  # from the release's own safetensors folder (same checkpoint hash)
@@ -201,11 +202,12 @@ def test_reproduce_gguf_byte_identical_and_a_tampered_tensor_named(demo_release,
     folder = _copy(demo_release, tmp_path / "dist")
     (tmp_path / "dist" / DEMO).symlink_to(demo_release.dir / DEMO)
     path = folder / f"{DEMO}-Q4_K_M.gguf"
-    reader = GGUFReader(path, "r+")
-    tensor = next(t for t in reader.tensors if t.name == "blk.3.attn_q.weight")
-    tensor.data[:64] = tensor.data[64:128].copy()
-    reader.data.flush()
-    del reader
+    t = next(t for t in read_header(path).tensors if t.name == "blk.3.attn_q.weight")
+    rows = t.n_elements // t.shape[0]
+    data = np.memmap(path, dtype=np.uint8, mode="r+", offset=t.offset, shape=(rows, t.n_bytes // rows))
+    data[:64] = data[64:128].copy()
+    data.flush()
+    del data
     code, out, err = _reproduce(cli, folder, "Q4_K_M")
     assert code == 1 and not out["identical"], err
     assert [t["name"] for t in out["tensors"]] == ["blk.3.attn_q.weight"] and out["metadata"] == []

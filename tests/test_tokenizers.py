@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 from release import fixtures
@@ -136,21 +137,20 @@ def test_added_tokens_are_typed_by_their_own_flag_and_the_template_is_carried(ca
 def _retype_added_as_normal(path: Path) -> int:
     """In place, what the old converter wrote: every CONTROL / USER_DEFINED token typed NORMAL,
     except BOS/EOS/PAD/UNK (a GGUF that still starts and stops, but splits chat tokens)."""
-    keep = set()
-    r = gguf.GGUFReader(path, "r+")
-    for key in ("bos", "eos", "padding", "unknown"):
-        field = r.get_field(f"tokenizer.ggml.{key}_token_id")
-        if field is not None:
-            keep.add(int(field.contents()))
-    field = r.get_field("tokenizer.ggml.token_type")
-    changed = 0
-    for n, part in enumerate(field.data):
-        value = field.parts[part]
-        if n not in keep and int(value[0]) in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
-            value[0] = gguf.TokenType.NORMAL
-            changed += 1
-    r.data.flush()
-    return changed
+    from release.formats.gguf_header import read_header
+
+    header = read_header(path)  # gguf-py's reader would parse Gemma 3's 262k tokens one by one
+    keep = {int(v) for k in ("bos", "eos", "padding", "unknown") if (v := header.value(f"tokenizer.ggml.{k}_token_id"))
+            is not None}  # fmt: skip
+    field = header.fields["tokenizer.ggml.token_type"]
+    types = np.memmap(path, dtype=gguf.GGUFReader.gguf_scalar_to_np[field.item_type], mode="r+",
+                      offset=field.offset, shape=(field.count,))  # fmt: skip
+    added = np.isin(types, [gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED])
+    added[list(keep)] = False
+    types[added] = gguf.TokenType.NORMAL
+    types.flush()
+    del types
+    return int(added.sum())
 
 
 def test_validation_fails_a_gguf_that_splits_chat_tokens(carry, cli, tmp_path):

@@ -7,13 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
-import gguf
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from release.formats.gguf import write_gguf
+from release.formats.gguf_header import read_header
 from release.formats.safetensors import convert
 from release.validation.reference import build_reference, load_reference
 
@@ -87,17 +87,17 @@ def test_llama_cpp_runs_prompt_batches_on_the_steps_threads(setup, monkeypatch):
 def test_gguf_with_two_layers_swapped_fails(setup, cli, tmp_path):
     bad = tmp_path / "swapped.gguf"
     shutil.copyfile(setup["q8"], bad)
-    tensors = {t.name: t for t in gguf.GGUFReader(setup["q8"]).tensors}
+    tensors = {t.name: t for t in read_header(setup["q8"]).tensors}
     a, b = tensors["blk.3.ffn_down.weight"], tensors["blk.20.ffn_down.weight"]
     assert a.n_bytes == b.n_bytes and a.tensor_type == b.tensor_type
     with open(setup["q8"], "rb") as f, open(bad, "r+b") as g:
-        f.seek(a.data_offset)
+        f.seek(a.offset)
         da = f.read(a.n_bytes)
-        f.seek(b.data_offset)
+        f.seek(b.offset)
         db = f.read(b.n_bytes)
-        g.seek(a.data_offset)
+        g.seek(a.offset)
         g.write(db)
-        g.seek(b.data_offset)
+        g.seek(b.offset)
         g.write(da)
     r = cli("validate", bad, "-r", setup["ref"])
     assert r.exit_code == 1

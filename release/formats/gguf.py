@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import re
 import tempfile
@@ -40,6 +41,7 @@ from release.errors import BadInputError, CheckFailedError, os_error_to_release_
 from release.formats import gguf_quants
 from release.formats import gguf_rope as rope
 from release.formats import imatrix as imatrix_fmt
+from release.formats.gguf_header import read_header
 from release.formats.gguf_names import lossless_type, tensor_name_map, variant_files
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
 from release.licensing import apply_policy
@@ -538,17 +540,14 @@ def _check_intermediate(path: Path, want: GGUFType, plan: GGUFPlan, meta: Releas
     if not path.is_file():
         raise BadInputError(f"--intermediate {path} does not exist")
     try:
-        reader = gguf.GGUFReader(path)
+        header = read_header(path)
     except (ValueError, OSError) as exc:
         raise BadInputError(f"--intermediate {path} is not a readable GGUF file ({exc})") from None
-    fields = reader.fields
-
-    def value(key: str) -> Any:
-        return fields[key].contents() if key in fields else None
+    value = header.value
 
     if value("general.file_type") != want.file_type.value:
         raise BadInputError(f"--intermediate {path.name} is not {want.name}, the lossless type of this source")
-    have = {rt.name: int(rt.n_elements) for rt in reader.tensors}
+    have = {rt.name: rt.n_elements for rt in header.tensors}
     expected = {pt.name: int(np.prod(pt.ref.shape)) for pt in plan.tensors}
     if have != expected:
         diff = sorted(set(have) ^ set(expected)) or sorted(k for k in have if have[k] != expected[k])
@@ -696,13 +695,6 @@ def _check_direct(f: GGUFFile, t: GGUFType, tensors: list[PlannedTensor]) -> GGU
     return GGUFOutput(t.name, f.path.name, f.path.stat().st_size, dict(counts), fallbacks)
 
 
-def _read(path: Path) -> gguf.GGUFReader:
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise CheckFailedError(f"{path.name}: unreadable after writing ({exc})") from None
-
-
 def _llama_cpp() -> Any:
     try:
         import llama_cpp
@@ -754,11 +746,14 @@ def _quantize_llama_cpp(
         raise CheckFailedError(f"llama.cpp failed to quantize to {t.name} (code {rc}): {said}")
     with open(out, "rb+") as f:
         os.fsync(f.fileno())
-    reader = _read(out)
+    try:
+        header = read_header(out)
+    except (ValueError, OSError) as exc:
+        raise CheckFailedError(f"{out.name}: unreadable after quantizing ({exc})") from None
     by_name = {pt.name: pt for pt in tensors}
     counts: Counter[str] = Counter()
     fallbacks = []
-    for rt in reader.tensors:
+    for rt in header.tensors:
         q = Q(rt.tensor_type)
         counts[q.name] += 1
         pt = by_name.get(rt.name)
@@ -766,14 +761,13 @@ def _quantize_llama_cpp(
             raise CheckFailedError(f"{out.name}: unexpected tensor {rt.name}")
         if not pt.is_norm_or_vector and "_K" not in q.name and pt.ref.shape[-1] % K_BLOCK:
             fallbacks.append(f"{rt.name}: row of {pt.ref.shape[-1]} is not a multiple of 256, llama.cpp used {q.name}")
-    missing = set(by_name) - {rt.name for rt in reader.tensors}
+    missing = set(by_name) - {rt.name for rt in header.tensors}
     if missing:
         raise CheckFailedError(f"{out.name}: tensors missing after quantization: {', '.join(sorted(missing)[:3])}")
     recorded = None
     if im is not None:
         keys = (imatrix_fmt.KV_FILE, imatrix_fmt.KV_DATASET, imatrix_fmt.KV_ENTRIES, imatrix_fmt.KV_CHUNKS)
-        fields = reader.fields
-        recorded = {k.removeprefix("quantize.imatrix."): fields[k].contents() for k in keys if k in fields}
+        recorded = {k.removeprefix("quantize.imatrix."): header.value(k) for k in keys if k in header.fields}
         if "entries_count" not in recorded:
             raise CheckFailedError(f"{out.name}: llama.cpp did not record the importance matrix it was given")
     seconds = round(time.monotonic() - started, 3)
@@ -789,9 +783,9 @@ def split_gguf(path: Path, max_bytes: int) -> list[Path]:
     every part, all other metadata in the first), with the ``gguf`` package's writer, which
     implements that convention; tensor data are copied from the memory-mapped source. A file that
     fits is left as it is. Every part is read back and each tensor compared with the source."""
-    reader = gguf.GGUFReader(path)
     if path.stat().st_size <= max_bytes:
         return [path]
+    reader = gguf.GGUFReader(path)  # the writer needs every key's value: the whole header, decoded
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     # The writer counts tensor data only; the first part also holds the metadata (the vocabulary).
     data_budget = max(1 << 20, max_bytes - reader.data_offset - (1 << 20))
@@ -820,8 +814,7 @@ def split_gguf(path: Path, max_bytes: int) -> list[Path]:
     del reader
     seen: dict[str, tuple[int, str]] = {}
     for p in parts:
-        for t in _read(p).tensors:
-            seen[t.name] = (int(t.tensor_type), _data_digest(t.data))
+        seen.update(_tensor_digests(p))
     if seen != expected:
         bad = sorted(set(expected) ^ set(seen)) or [n for n in expected if expected[n] != seen.get(n)]
         raise CheckFailedError(f"{path.name}: split parts differ from the file at {bad[0]}")
@@ -831,6 +824,23 @@ def split_gguf(path: Path, max_bytes: int) -> list[Path]:
 
 def _data_digest(data: np.ndarray) -> str:
     return hashing.write_digest(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+
+def _tensor_digests(path: Path) -> dict[str, tuple[int, str]]:
+    """Each tensor's (type, digest of its bytes) as written, from the header's table (not GGUFReader:
+    the first part of a split set holds the vocabulary)."""
+    try:
+        header = read_header(path)
+    except (ValueError, OSError) as exc:
+        raise CheckFailedError(f"{path.name}: unreadable after writing ({exc})") from None
+    out = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
+        for t in header.tensors:
+            n = t.n_bytes
+            if t.offset + n > len(m):
+                raise CheckFailedError(f"{path.name}: truncated after writing")
+            out[t.name] = (int(t.tensor_type), hashing.write_digest(view[t.offset : t.offset + n]))
+    return out
 
 
 @contextlib.contextmanager
