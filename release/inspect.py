@@ -111,40 +111,38 @@ def _has_chat_template(root: Path) -> bool:
 def describe_gguf(path: Path) -> dict[str, Any]:
     import gguf  # imported here: only GGUF inspection needs it
 
+    from release.formats.gguf_header import read_header
+
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as exc:
+        header = read_header(path)  # the vocabulary is not decoded (gguf.GGUFReader: seconds a file)
+    except (ValueError, OSError) as exc:
         raise BadInputError(f"{path}: not a readable GGUF file ({exc})") from None
-
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
+    value = header.value
     types: Counter[str] = Counter()
     params = 0
-    for t in reader.tensors:
-        types[gguf.GGMLQuantizationType(t.tensor_type).name] += 1
-        params += int(t.n_elements)
+    for t in header.tensors:
+        types[t.tensor_type.name] += 1
+        params += t.n_elements
     ftype = value("general.file_type")
     try:
         ftype_name = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else None
     except ValueError:
         ftype_name = str(ftype)
-    meta = {k: value(k) for k in reader.fields if k.startswith(_GGUF_META_PREFIXES)}
+    meta = {k: value(k) for k in header.fields if k.startswith(_GGUF_META_PREFIXES)}
     return {
         "path": str(path),
         "kind": "gguf",
         "format": "gguf",
-        "gguf_version": value("GGUF.version"),
+        "gguf_version": header.version,
         "architecture": value("general.architecture"),
         "name": value("general.name"),
         "file_type": ftype_name,
         "parameters": params,
-        "tensors": len(reader.tensors),
+        "tensors": len(header.tensors),
         "tensor_types": dict(types.most_common()),
         "total_bytes": path.stat().st_size,
         "tokenizer": value("tokenizer.ggml.model"),
-        "chat_template": "tokenizer.chat_template" in reader.fields,
+        "chat_template": "tokenizer.chat_template" in header.fields,
         "metadata": meta,
         "license": {k: v for k, v in meta.items() if k.startswith(("general.license", "general.base_model"))},
     }

@@ -85,6 +85,24 @@ def test_safetensors_header_that_lies_about_offsets(tiny, cli, tmp_path):
     assert_clean_failure(cli("convert", src, "-o", tmp_path / "out"), tmp_path / "out", "invalid safetensors")
 
 
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"GGUF" + struct.pack("<IQQ", 3, 5, 2) + struct.pack("<Q", 1000) + b"general.", "past the end"),
+        (b"GGUF" + struct.pack("<IQQ", 1, 0, 0), "GGUF version 1"),
+        (b"GGML" + b"\0" * 60, "no GGUF magic"),
+        (b"", "no GGUF magic"),
+    ],
+)
+def test_a_gguf_that_is_not_one_is_one_line(cli, tmp_path, body, says):
+    """inspect reads a GGUF's header itself (release.formats.gguf_header): a header cut short, an old
+    version, no magic or an empty file is one error line and exit 2, never a traceback."""
+    (tmp_path / "x.gguf").write_bytes(body)
+    r = cli("inspect", tmp_path / "x.gguf")
+    assert r.exit_code == 2 and len(r.error_lines) == 1, r.stderr
+    assert "not a readable GGUF file" in r.error_lines[0] and says in r.error_lines[0], r.error_lines
+
+
 def test_garbage_header_length(tiny, cli, tmp_path):
     src, _, _ = tiny("st-single")
     (src / "model.safetensors").write_bytes(b"\xff" * 64)

@@ -384,11 +384,11 @@ def test_gguf_embedded_license_is_read_from_the_header(tmp_path, tiny, smollm2):
     path = tmp_path / "g" / "m-Q8_0.gguf"
     import gguf
 
-    assert gguf_license(path) == gguf.GGUFReader(path).get_field("general.license").contents() == "apache-2.0"
+    fields = gguf.GGUFReader(path).fields  # the independent reader (it decodes the 49k-token vocabulary)
+    assert gguf_license(path) == fields["general.license"].contents() == "apache-2.0"
     # The same header read gives the manifest its provenance keys, as GGUFReader reads them.
     from release.agreement import recorded_hashes
 
-    fields = gguf.GGUFReader(path).fields
     hashes = {k: fields[f"model_release.{k}"].contents() for k in ("source_checkpoint_hash",)}
     assert recorded_hashes(tmp_path / "g", "gguf") == hashes and hashes["source_checkpoint_hash"].startswith("blake3:")
     check_embedded_licenses(tmp_path / "g", "apache-2.0")

@@ -220,20 +220,15 @@ def test_gguf_split_set_loads_in_llama_cpp_as_one_variant(smollm2, smollm2_refer
     assert out["bytes"] == sum(p.stat().st_size for p in parts)
     single = gguf.GGUFReader(tmp_path / "one" / "m-Q8_0.gguf")
     seen = {}
-    for i, p in enumerate(parts):
-        rd = gguf.GGUFReader(p)
+    readers = [gguf.GGUFReader(p) for p in parts]  # gguf-py, the independent reader, once a part
+    for i, rd in enumerate(readers):
         assert rd.fields["split.no"].contents() == i and rd.fields["split.count"].contents() == 3
         assert rd.fields["split.tensors.count"].contents() == len(single.tensors)
         seen |= {t.name: bytes(t.data) for t in rd.tensors}
     assert seen == {t.name: bytes(t.data) for t in single.tensors}
-    first = gguf.GGUFReader(parts[0]).fields
-    assert set(single.fields) <= set(first)  # all metadata (vocabulary included) in the first part
-    for p in parts[1:]:
-        assert {k for k in gguf.GGUFReader(p).fields if not k.startswith("GGUF.")} <= {
-            "split.no",
-            "split.count",
-            "split.tensors.count",
-        }
+    assert set(single.fields) <= set(readers[0].fields)  # all metadata (vocabulary included) in the first part
+    for rd in readers[1:]:
+        assert {k for k in rd.fields if not k.startswith("GGUF.")} <= {"split.no", "split.count", "split.tensors.count"}
     ids = [1, 504, 3458, 282, 4649, 314]
     kw = {"logits_all": True, "verbose": False, "n_ctx": 64, **llama_threads()}
     a = Llama(model_path=str(parts[0]), **kw)

@@ -191,7 +191,8 @@ def llama_threads(threads: int | None = None) -> dict[str, int]:
     """``llama_cpp.Llama``'s two thread counts, both the step's (``cpu_threads``). Left out,
     llama-cpp-python gives prompt batches, which is all validation runs, every core of the machine
     (``n_threads_batch``): past a step's budget, and on a shared machine ggml's spinning threads
-    tripled a validation's time (2 cores, two at once: 17 s each instead of 9)."""
+    nearly doubled a validation's time (2 cores, two validations at once: 17.4 s each, 9.1 s with
+    one thread apiece)."""
     n = threads or cpu_threads()
     return {"n_threads": n, "n_threads_batch": n}
 
