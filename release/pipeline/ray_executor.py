@@ -78,9 +78,13 @@ def run_step_here(argv: list[str], env: dict[str, str], log: str) -> dict[str, A
 
     Path(log + ".node").write_text(ray.get_runtime_context().get_node_id(), encoding="utf-8")
     out: list[str] = []
+    # Its own session: Ray (2.60) runs each worker as a process group and SIGKILLs that group when
+    # the worker dies, which raced the step's SIGTERM (_die_with_parent) and could leave its
+    # temporary output behind (seen once in five runs of the killed-worker test). Out of the group,
+    # the step still dies with its worker, by SIGTERM, and unwinds.
     with open(log, "w", encoding="utf-8") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **env},
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=_die_with_parent, start_new_session=True)  # fmt: skip
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else ""), daemon=True)
     reader.start()
     peak = 0
