@@ -122,9 +122,10 @@ def write_manifest(
     variants: dict[str, Any] = {}
     files = []
     if kind == "gguf":
+        from release.choices import gguf_type_names  # the names only: formats.gguf would import torch
         from release.formats.gguf_names import set_name
 
-        known = list(data_file("gguf", "types.json")["types"])  # the names only: no torch, unlike formats.gguf
+        known = gguf_type_names()
         stems: dict[str, str] = {}  # a variant's file stem -> its type; its reports share the stem
         for g in sorted(folder.glob("*.gguf")):
             logical = Path(set_name(g.name))  # the parts of a split set are one variant

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import re
 import tempfile
@@ -833,13 +832,13 @@ def _tensor_digests(path: Path) -> dict[str, tuple[int, str]]:
         header = read_header(path)
     except (ValueError, OSError) as exc:
         raise CheckFailedError(f"{path.name}: unreadable after writing ({exc})") from None
+    size = path.stat().st_size
     out = {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
+    with open(path, "rb", buffering=0) as fh:  # read in pieces, as _check_direct does: never mapped whole
         for t in header.tensors:
-            n = t.n_bytes
-            if t.offset + n > len(m):
+            if t.offset + t.n_bytes > size:
                 raise CheckFailedError(f"{path.name}: truncated after writing")
-            out[t.name] = (int(t.tensor_type), hashing.write_digest(view[t.offset : t.offset + n]))
+            out[t.name] = (int(t.tensor_type), hashing.file_digest(fh, t.offset, t.n_bytes))
     return out
 
 

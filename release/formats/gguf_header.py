@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 _SCALARS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -45,7 +45,7 @@ class ArrayField:
                     out.append(bytes(m[at + 8 : at + 8 + n]).decode("utf-8", errors="replace"))
                     at += 8 + n
                 return out
-            dtype = np.dtype(_SCALARS[self.item_type][1:]).newbyteorder("<")
+            dtype = np.dtype(GGUFReader.gguf_scalar_to_np[self.item_type]).newbyteorder("<")
             return np.frombuffer(m, dtype, self.count, self.offset).tolist()
 
 

@@ -50,7 +50,7 @@ def critical_path(plan: Plan) -> dict[str, float]:
     scheduler starts ready steps in (highest first), so that the longest chain (GPTQ, then its
     validation, the cards and the manifest) starts at once instead of behind every GGUF step."""
     table = data_file("step_costs.json")
-    waiting = {s.name: [r.name for r in plan.steps if s.name in r.deps] for s in plan.steps}
+    waiting = plan.waiting_on()
     rank: dict[str, float] = {}
 
     def of(name: str) -> float:
@@ -109,7 +109,8 @@ def run_plan(
     files, so removing it after use (once every reader has succeeded) makes nothing stale."""
     results: dict[str, StepResult] = {}
     planned = {s.name for s in plan.steps}
-    readers = {s.name: [r.name for r in plan.steps if s.name in r.deps] for s in plan.steps if s.temporary}
+    waiting = plan.waiting_on()
+    readers = {s.name: waiting[s.name] for s in plan.steps if s.temporary}
     rank = critical_path(plan)
     pending = sorted(plan.steps, key=lambda s: -rank[s.name])  # stable: ties keep the plan's order
     running: dict[str, tuple[Any, Step, str, float]] = {}

@@ -79,3 +79,7 @@ class Plan:
     # The families this build makes (``--only``): a build of one family leaves the others' files
     # and records alone, as another runner on a shared workspace may be making them.
     families: tuple[str, ...] = FAMILIES
+
+    def waiting_on(self) -> dict[str, list[str]]:
+        """Each step's name -> the steps that list it among their dependencies."""
+        return {s.name: [r.name for r in self.steps if s.name in r.deps] for s in self.steps}
