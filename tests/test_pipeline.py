@@ -327,6 +327,37 @@ def test_an_interrupted_build_stops_its_running_steps(tmp_path):
             os.kill(pid, 0)
 
 
+def test_a_second_sigterm_does_not_cut_a_steps_clean_up_short(tmp_path):
+    """A step whose Ray worker dies gets SIGTERM two or three times within 20 ms (Linux repeats the
+    parent-death signal as each of the dead worker's threads exits). The first unwinds the command;
+    the next, landing mid-clean-up, must not stop it: here it lands while the temporary folder is
+    being removed. Exit 143 and the one line, as for one SIGTERM, and no folder left."""
+    scratch = tmp_path / "scratch"
+    code = f"""
+import os, shutil, signal, time
+from pathlib import Path
+import typer
+from release.cli._output import run
+def body(reporter):
+    Path({str(scratch)!r}).mkdir()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # the repeat, mid-clean-up
+        time.sleep(0.2)
+        shutil.rmtree({str(scratch)!r})
+try:
+    run(body, as_json=True)
+except typer.Exit as e:  # what the typer app turns into the exit code
+    raise SystemExit(e.exit_code)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    assert p.stderr.strip() == "error: terminated (SIGTERM): nothing was written", p.stderr
+    assert not scratch.exists()
+
+
 def _counting_step(tmp_path: Path, name: str, deps: list[str], *, temporary: bool = False, fail: bool = False):
     """A step that appends its name to runs.log, reads its deps' files and writes NAME.out."""
     from release.pipeline.steps import Step

@@ -78,10 +78,9 @@ def run_step_here(argv: list[str], env: dict[str, str], log: str) -> dict[str, A
 
     Path(log + ".node").write_text(ray.get_runtime_context().get_node_id(), encoding="utf-8")
     out: list[str] = []
-    # Its own session: Ray (2.60) runs each worker as a process group and SIGKILLs that group when
-    # the worker dies, which raced the step's SIGTERM (_die_with_parent) and could leave its
-    # temporary output behind (seen once in five runs of the killed-worker test). Out of the group,
-    # the step still dies with its worker, by SIGTERM, and unwinds.
+    # Its own session: Ray (2.60) runs each worker as a process group and cleans that group up when
+    # the worker dies. Out of it, the step still dies with its worker by SIGTERM (_die_with_parent)
+    # and unwinds; it acts on the first of the repeated SIGTERMs only (cli._output).
     with open(log, "w", encoding="utf-8") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **env},
                                 preexec_fn=_die_with_parent, start_new_session=True)  # fmt: skip
