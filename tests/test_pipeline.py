@@ -327,34 +327,45 @@ def test_an_interrupted_build_stops_its_running_steps(tmp_path):
             os.kill(pid, 0)
 
 
-def test_a_second_sigterm_does_not_cut_a_steps_clean_up_short(tmp_path):
-    """A step whose Ray worker dies gets SIGTERM two or three times within 20 ms (Linux repeats the
-    parent-death signal as each of the dead worker's threads exits). The first unwinds the command;
-    the next, landing mid-clean-up, must not stop it: here it lands while the temporary folder is
-    being removed. Exit 143 and the one line, as for one SIGTERM, and no folder left."""
-    scratch = tmp_path / "scratch"
-    code = f"""
-import os, shutil, signal, time
+_INTERRUPTED = """
+import os, shutil, signal, sys, time
 from pathlib import Path
 import typer
 from release.cli._output import run
+first, second, scratch = signal.Signals[sys.argv[1]], signal.Signals[sys.argv[2]], sys.argv[3]
 def body(reporter):
-    Path({str(scratch)!r}).mkdir()
+    Path(scratch).mkdir()
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), first)
         time.sleep(30)  # the handler raises here
     finally:
-        os.kill(os.getpid(), signal.SIGTERM)  # the repeat, mid-clean-up
+        os.kill(os.getpid(), second)  # the next signal, mid-clean-up
         time.sleep(0.2)
-        shutil.rmtree({str(scratch)!r})
+        shutil.rmtree(scratch)
 try:
     run(body, as_json=True)
 except typer.Exit as e:  # what the typer app turns into the exit code
     raise SystemExit(e.exit_code)
 """
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert p.returncode == 128 + signal.SIGTERM, p.stderr
-    assert p.stderr.strip() == "error: terminated (SIGTERM): nothing was written", p.stderr
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "code", "line"),
+    [("SIGTERM", "SIGTERM", 143, "error: terminated (SIGTERM): nothing was written"),
+     ("SIGINT", "SIGTERM", 130, "interrupted: nothing was written"),
+     ("SIGINT", "SIGINT", 130, "interrupted: nothing was written")],
+)  # fmt: skip
+def test_a_second_signal_does_not_cut_a_steps_clean_up_short(first, second, code, line, tmp_path):
+    """The first SIGTERM or Ctrl-C unwinds a command; the next, landing mid-clean-up, must not stop
+    it. A step whose Ray worker dies gets SIGTERM two or three times within 20 ms (Linux repeats the
+    parent-death signal as each of the dead worker's threads exits); Ctrl-C on a local build reaches
+    its steps (one process group) and then the build's own SIGTERM to each. The same exit code and
+    one line as for one signal, and the temporary folder removed."""
+    scratch = tmp_path / "scratch"
+    p = subprocess.run([sys.executable, "-c", _INTERRUPTED, first, second, str(scratch)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert p.returncode == code, p.stderr
+    assert p.stderr.strip() == line, p.stderr
     assert not scratch.exists()
 
 

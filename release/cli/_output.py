@@ -90,26 +90,34 @@ class Terminated(KeyboardInterrupt):
     like Ctrl-C, so that every temporary output is removed on the way out instead of left behind."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    # Once: later SIGTERMs are ignored, or one landing mid-unwind would cut the clean-up short. A step
-    # whose Ray worker dies gets several (Linux sends PR_SET_PDEATHSIG again as each of the dead
-    # worker's threads it was handed to exits: 2-3 within 20 ms, measured), and one run in four left
-    # its temporary folder behind.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated
+def _interrupted(signum: int, frame: Any) -> None:
+    # The first SIGTERM or Ctrl-C unwinds; later ones are ignored, or one landing mid-unwind would cut
+    # the clean-up short. A step whose Ray worker dies gets SIGTERM several times (Linux sends
+    # PR_SET_PDEATHSIG again as each of the dead worker's threads it was handed to exits: 2-3 within
+    # 20 ms, measured; one run in four left its temporary folder behind). Ctrl-C on a local build
+    # reaches its steps (one process group), then the build's SIGTERM to each.
+    for sig in _UNWINDING:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+_UNWINDING = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
+def _signals_unwind_once() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupted)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupted)
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGTERM) is _raise_terminated:  # else terminated: stay deaf until exit
-            signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is _interrupted:  # else interrupted: stay deaf until exit
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) -> T:
@@ -117,7 +125,7 @@ def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) 
     reporter = RichReporter(enabled=not (quiet or as_json))
     try:
         try:
-            with _sigterm_unwinds():
+            with _signals_unwind_once():
                 return action(reporter)
         except ModuleNotFoundError as exc:  # a library of an extra this install does not have
             missing = missing_extra(exc, command_name())
