@@ -91,7 +91,10 @@ def test_release_on_two_nodes_equals_the_local_build_and_resumes_after_a_killed_
         time.sleep(0.1)
     else:
         pytest.fail(f"the step process {step_pid} outlived its Ray worker")
-    assert not any(p.name.startswith(".model-release-") for p in gguf_dir.iterdir())
+    left = {p.name: sorted(f"{q.name} {q.stat().st_size}" for q in p.iterdir())
+            for p in gguf_dir.iterdir() if p.name.startswith(".model-release-")}  # fmt: skip
+    log = dist / ".work" / "logs" / f"gguf-{gtype}.log"  # what the killed step said (its clean-up's line)
+    assert not left, (left, log.read_text(errors="replace")[-2000:] if log.is_file() else "no log")
     done_before = {n for n, s in steps.items() if s["status"] == "done"}
 
     proc = _build(cluster, demo_release.rf, out, "--threads", threads)

@@ -170,6 +170,25 @@ def test_step_threads_follow_omp_num_threads(monkeypatch):
     assert cpu_threads() == len(os.sched_getaffinity(0))
 
 
+def test_gptq_cpu_workers_follow_the_steps_threads_not_the_nodes_cores(monkeypatch):
+    """GPTQModel's CPU worker pool: the step's thread budget (at least the 2 it needs to start), not
+    every core of a large node; a value the user set is kept."""
+    import os
+
+    from release.formats.gptq import prepare_gptqmodel
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    for threads, workers in (("8", "8"), ("1", "2")):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        monkeypatch.delenv("GPTQMODEL_CPU_WORKERS", raising=False)
+        prepare_gptqmodel()
+        assert os.environ["GPTQMODEL_CPU_WORKERS"] == workers
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "5")
+    prepare_gptqmodel()
+    assert os.environ["GPTQMODEL_CPU_WORKERS"] == "5"
+
+
 def test_gptq_validation_that_cannot_fit_is_refused(smollm2_gptq, smollm2_reference, cli, monkeypatch):
     monkeypatch.setattr("release.resources.mem_available", lambda: 500 << 20)
     r = cli("validate", smollm2_gptq.output, "-r", smollm2_reference.path, "--json")

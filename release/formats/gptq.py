@@ -41,6 +41,7 @@ from release.formats.safetensors import restamp
 from release.licensing import apply_policy
 from release.metadata import ReleaseMetadata
 from release.progress import NULL, Reporter
+from release.resources import cpu_threads
 from release.tensors import has_nonfinite, tensor_bytes
 
 # Group sizes tried by --group-size auto, largest first (128 is the common default on the Hub).
@@ -72,8 +73,10 @@ def gptqmodel_version() -> str | None:
 
 def prepare_gptqmodel() -> None:
     """Settings GPTQModel needs before import. Its CPU worker pool asks for 2 workers by default and
-    refuses to start on a machine that leaves it fewer (measured on this 2-core machine)."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+    refuses to start on a machine that leaves it fewer (measured on this 2-core machine); beyond
+    that, the step's thread budget, not the node's cores (a 64-core node running an 8-CPU Ray task
+    got 64 workers)."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, cpu_threads())))
     if gptqmodel_version() is None:
         raise BadInputError("GPTQ needs GPTQModel, which is not installed", hint="pip install 'model-release[gptq]'")
 
