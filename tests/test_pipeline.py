@@ -327,6 +327,47 @@ def test_an_interrupted_build_stops_its_running_steps(tmp_path):
             os.kill(pid, 0)
 
 
+def test_a_step_outlives_no_build_even_one_killed_with_sigkill(tmp_path):
+    """`kill -9` of the build alone (not its process group) cannot run the build's clean-up: its
+    steps get SIGTERM from the kernel (the parent-death signal) and run their own, instead of
+    writing on, orphaned, into a folder a rerun is about to use."""
+    marker, pid_file = tmp_path / "cleaned", tmp_path / "step.pid"
+    step = (f"import os, signal, sys, time; from pathlib import Path\n"
+            f"signal.signal(signal.SIGTERM, lambda *a: (Path({str(marker)!r}).write_text('x'), sys.exit(143)))\n"
+            f"Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)")  # fmt: skip
+    build = f"""
+import sys
+from pathlib import Path
+from release.pipeline.local import LocalExecutor
+from release.pipeline.records import Records
+from release.pipeline.schedule import run_plan
+from release.pipeline.steps import Plan, Step
+from release.resources import Need
+root = Path({str(tmp_path)!r})
+(root / "logs").mkdir()
+steps = [Step("s", "release", [sys.executable, "-c", {step!r}], {{}}, [], list, Need(ram=1))]
+run_plan(Plan(root, steps, []), Records(root), LocalExecutor(), logs=root / "logs", jobs=1, budget=1 << 40)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", build], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the step did not start"
+        time.sleep(0.05)
+    step_pid = int(pid_file.read_text())
+    proc.kill()  # SIGKILL, to the build only
+    proc.wait()
+    for _ in range(100):
+        try:
+            os.kill(step_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(step_pid, signal.SIGKILL)
+        pytest.fail("the step outlived its build by 10 s")
+    assert marker.read_text() == "x"  # it ended by SIGTERM, through its own clean-up
+
+
 _INTERRUPTED = """
 import os, shutil, signal, sys, time
 from pathlib import Path

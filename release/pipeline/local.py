@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +48,27 @@ class _Running:
     peak: int = 0
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the step SIGTERM when the process that started it dies
+    (a build killed with SIGKILL, a Ray worker lost), so the step unwinds and removes its temporary
+    output instead of running on orphaned. ``prctl`` is looked up here, in the parent: the child of
+    a threaded parent must not import or ``dlopen``. None where there is no ``prctl`` (not Linux)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return hook
+
+
 class LocalExecutor:
     """Steps as local processes; ``verbose`` sends their stderr to the terminal instead of the log."""
 
@@ -58,6 +80,7 @@ class LocalExecutor:
             proc = subprocess.Popen(
                 [*step.argv, "--json"], stdout=subprocess.PIPE, stderr=None if self.verbose else err, text=True,
                 env={**os.environ, **step.env, "OMP_NUM_THREADS": str(step.threads)},
+                preexec_fn=parent_death_signal(),
             )  # fmt: skip
         return _Running(proc)
 

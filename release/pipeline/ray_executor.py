@@ -30,7 +30,7 @@ from typing import Any
 
 from release.errors import BadInputError
 from release.extras import missing_extra
-from release.pipeline.local import Finished, parse_summary
+from release.pipeline.local import Finished, parent_death_signal, parse_summary
 from release.pipeline.steps import Step
 from release.resources import fmt, vm_hwm
 
@@ -61,15 +61,6 @@ def _ray() -> Any:
     return ray
 
 
-def _die_with_parent() -> None:
-    """In the step's child: SIGTERM when the Ray worker dies (killed, cancelled, node shutting down),
-    so the step unwinds as on Ctrl-C and removes its temporary output instead of running orphaned."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def run_step_here(argv: list[str], env: dict[str, str], log: str) -> dict[str, Any]:
     """The body of a step's Ray task, on the node Ray chose: the command as a child process, its stderr
     to the log on shared storage, its peak resident memory sampled, its ``--json`` summary returned.
@@ -79,11 +70,11 @@ def run_step_here(argv: list[str], env: dict[str, str], log: str) -> dict[str, A
     Path(log + ".node").write_text(ray.get_runtime_context().get_node_id(), encoding="utf-8")
     out: list[str] = []
     # Its own session: Ray (2.60) runs each worker as a process group and cleans that group up when
-    # the worker dies. Out of it, the step still dies with its worker by SIGTERM (_die_with_parent)
+    # the worker dies. Out of it, the step still dies with its worker by SIGTERM (parent_death_signal)
     # and unwinds; it acts on the first of the repeated SIGTERMs only (cli._output).
     with open(log, "w", encoding="utf-8") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **env},
-                                preexec_fn=_die_with_parent, start_new_session=True)  # fmt: skip
+                                preexec_fn=parent_death_signal(), start_new_session=True)  # fmt: skip
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else ""), daemon=True)
     reader.start()
     peak = 0
