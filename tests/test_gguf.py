@@ -215,6 +215,9 @@ def test_header_reader_agrees_with_gguf_py(written, tmp_path):
         assert list(h.fields) == [k for k in r.fields if not k.startswith("GGUF.")]
         for k in h.fields:
             assert h.value(k) == r.fields[k].contents(), (name, k)
+            assert h.value_types[k] == r.fields[k].types[0], (name, k)
+            if isinstance(h.fields[k], ArrayField):  # its stored bytes: gguf-py's parts after the count
+                assert h.fields[k].raw() == b"".join(bytes(p) for p in r.fields[k].parts[5:]), (name, k)
         assert isinstance(h.fields["tokenizer.ggml.tokens"], ArrayField)
         assert [(t.name, t.shape, t.tensor_type, t.offset, t.n_elements) for t in h.tensors] == [
             (t.name, tuple(int(d) for d in t.shape), t.tensor_type, int(t.data_offset), int(t.n_elements))

@@ -208,9 +208,18 @@ def test_reproduce_gguf_byte_identical_and_a_tampered_tensor_named(demo_release,
     data[:64] = data[64:128].copy()
     data.flush()
     del data
+    # And one key: the 1000th token's text, overwritten with as many x's (the file stays whole).
+    tokens = read_header(path).fields["tokenizer.ggml.tokens"]
+    with open(path, "r+b") as f:
+        f.seek(tokens.offset)
+        for _ in range(999):
+            f.seek(int.from_bytes(f.read(8), "little"), 1)
+        n = int.from_bytes(f.read(8), "little")
+        f.write(b"x" * n)
     code, out, err = _reproduce(cli, folder, "Q4_K_M")
     assert code == 1 and not out["identical"], err
-    assert [t["name"] for t in out["tensors"]] == ["blk.3.attn_q.weight"] and out["metadata"] == []
+    assert [t["name"] for t in out["tensors"]] == ["blk.3.attn_q.weight"], out["tensors"]
+    assert out["metadata"] == ["tokenizer.ggml.tokens"], out["metadata"]
     assert out["tensors"][0]["max_abs_diff"] > 0 and out["kl_mean"] > 0 and out["kl_max"] > out["kl_mean"]
     assert not out["files"][0]["matches_build_record"]
     # The human form of that same result (not rebuilt a second time: the command prints what

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,13 @@ class ArrayField:
     count: int
     offset: int  # of its first item in the file
     path: Path
+    nbytes: int = 0  # of its items, lengths of strings included
+
+    def raw(self) -> bytes:
+        """Its items' bytes as stored: what two files' values compare by, without decoding."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.nbytes)
 
     def contents(self) -> list[Any]:
         with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -72,6 +79,7 @@ class GGUFHeader:
     fields: dict[str, Any]  # scalars and strings as values, arrays as ArrayField
     tensors: list[TensorInfo]
     data_offset: int
+    value_types: dict[str, GGUFValueType] = field(default_factory=dict)  # each key's, as stored
 
     def value(self, key: str) -> Any:
         """A key's value (an array's decoded items), None when absent."""
@@ -101,7 +109,7 @@ class _Cursor:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
             item, count = GGUFValueType(self.take("<I")), self.take("<Q")
-            field = ArrayField(item, count, self.at, path)
+            start = self.at
             if item == GGUFValueType.STRING:
                 for _ in range(count):  # lengths only
                     self.at += 8 + struct.unpack_from("<Q", self.buf, self.at)[0]
@@ -111,7 +119,7 @@ class _Cursor:
                 self.at += count * struct.calcsize(_SCALARS[item])
             if self.at > len(self.buf):
                 raise ValueError("an array runs past the end of the file")
-            return field
+            return ArrayField(item, count, start, path, self.at - start)
         return self.take(_SCALARS[vtype])
 
 
@@ -130,9 +138,11 @@ def read_header(path: Path) -> GGUFHeader:
                     raise ValueError(f"GGUF version {version} (2 and 3 are read)")
                 n_tensors, n_kv = c.take("<Q"), c.take("<Q")
                 fields: dict[str, Any] = {}
+                types: dict[str, GGUFValueType] = {}
                 for _ in range(n_kv):
                     key = c.string()
-                    fields[key] = c.value(GGUFValueType(c.take("<I")), path)
+                    types[key] = GGUFValueType(c.take("<I"))
+                    fields[key] = c.value(types[key], path)
                 infos = []
                 for _ in range(n_tensors):
                     name = c.string()
@@ -143,4 +153,4 @@ def read_header(path: Path) -> GGUFHeader:
             align = int(fields.get("general.alignment", 32))
             data_offset = c.at + (-c.at) % align
     tensors = [TensorInfo(name, dims, t, data_offset + off) for name, dims, t, off in infos]
-    return GGUFHeader(version, fields, tensors, data_offset)
+    return GGUFHeader(version, fields, tensors, data_offset, types)
