@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from release.checkpoint import TensorPlan
 
 GB = 1 << 30
+# In a step's environment, set by the executors: the step watches its parent (cli._output).
+STEP_ENV = "MODEL_RELEASE_STEP"
 # Resident set of a step process with torch + transformers imported, before any weight (measured: 0.69 GB).
 PY_BASE = int(0.8 * GB)
 

@@ -368,6 +368,43 @@ run_plan(Plan(root, steps, []), Records(root), LocalExecutor(), logs=root / "log
     assert marker.read_text() == "x"  # it ended by SIGTERM, through its own clean-up
 
 
+def test_a_step_stuck_in_c_code_ends_a_grace_period_after_its_build(tmp_path):
+    """The parent-death SIGTERM waits for the main thread to come back from C (llama.cpp's
+    quantizer, a torch op: minutes at 70B); the step's watch on its parent ends it a grace period
+    after the build is gone instead, with one line. Here a 60 s C call, a 2 s grace."""
+    pid_file = tmp_path / "step.pid"
+    step = (f"import ctypes, os, typer; from pathlib import Path; from release.cli._output import run\n"
+            f"def body(reporter):\n"
+            f"    Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+            f"    ctypes.CDLL(None).sleep(60)  # C, no signal to end it early\n"
+            f"try:\n    run(body, as_json=True)\n"
+            f"except typer.Exit as e:\n    raise SystemExit(e.exit_code)")  # fmt: skip
+    log = tmp_path / "step.log"
+    parent = (f"import os, subprocess, sys, time\n"
+              f"env = {{**os.environ, 'MODEL_RELEASE_STEP': '1', 'MODEL_RELEASE_STOP_GRACE': '2'}}\n"
+              f"subprocess.Popen([sys.executable, '-c', {step!r}], env=env, stderr=open({str(log)!r}, 'w'))\n"
+              f"time.sleep(120)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the step did not start"
+        time.sleep(0.05)
+    step_pid = int(pid_file.read_text())
+    proc.kill()  # the build, SIGKILL
+    proc.wait()
+    started = time.monotonic()
+    while time.monotonic() - started < 20:
+        try:
+            os.kill(step_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(step_pid, signal.SIGKILL)
+        pytest.fail("the step outlived its build by 20 s")
+    assert "the build that ran this step is gone and the step did not stop within 2 s" in log.read_text()
+
+
 _INTERRUPTED = """
 import os, shutil, signal, sys, time
 from pathlib import Path

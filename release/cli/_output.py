@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +30,7 @@ from rich.progress import (
 from release.errors import ReleaseError
 from release.extras import missing_extra
 from release.progress import Reporter
+from release.resources import STEP_ENV
 
 T = TypeVar("T")
 
@@ -120,8 +123,37 @@ def _signals_unwind_once() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
+GRACE_ENV = "MODEL_RELEASE_STOP_GRACE"  # seconds a step whose build is gone may take to stop (30)
+_watching: list[threading.Thread] = []
+
+
+def _watch_parent() -> None:
+    """A step must not outlive its build (or Ray worker) by more than a grace period. The parent's
+    death sends it SIGTERM (``parent_death_signal``), but Python runs the handler only once the main
+    thread is back from C, and llama.cpp's quantizer or a torch op can stay there for minutes at
+    70B: an orphan holding a node's CPUs that the scheduler counts as free. This thread (which runs
+    while the main one is in C: ctypes and torch release the GIL) sees the parent change, waits the
+    grace for the clean unwind, then ends the process; the next build removes what it left."""
+    if not os.environ.get(STEP_ENV) or _watching:
+        return
+    parent = os.getppid()
+    grace = float(os.environ.get(GRACE_ENV) or 30)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        time.sleep(grace)
+        os.write(2, f"error: the build that ran this step is gone and the step did not stop within {grace:g} s; "
+                    "exiting (the next build removes its temporary output)\n".encode())  # fmt: skip
+        os._exit(128 + signal.SIGTERM)
+
+    _watching.append(threading.Thread(target=watch, name="watch-parent", daemon=True))
+    _watching[0].start()
+
+
 def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) -> T:
     """Run a command body; expected failures become one line (or JSON) and their exit code."""
+    _watch_parent()
     reporter = RichReporter(enabled=not (quiet or as_json))
     try:
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from release.pipeline.steps import Step
-from release.resources import fmt, vm_hwm
+from release.resources import STEP_ENV, fmt, vm_hwm
 
 
 @dataclass
@@ -79,7 +79,7 @@ class LocalExecutor:
         with open(log, "w", encoding="utf-8") as err:
             proc = subprocess.Popen(
                 [*step.argv, "--json"], stdout=subprocess.PIPE, stderr=None if self.verbose else err, text=True,
-                env={**os.environ, **step.env, "OMP_NUM_THREADS": str(step.threads)},
+                env={**os.environ, **step.env, "OMP_NUM_THREADS": str(step.threads), STEP_ENV: "1"},
                 preexec_fn=parent_death_signal(),
             )  # fmt: skip
         return _Running(proc)

@@ -32,7 +32,7 @@ from release.errors import BadInputError
 from release.extras import missing_extra
 from release.pipeline.local import Finished, parent_death_signal, parse_summary
 from release.pipeline.steps import Step
-from release.resources import fmt, vm_hwm
+from release.resources import STEP_ENV, fmt, vm_hwm
 
 # A check task needs no CPU of its own: it must run on a node whose CPUs are all taken by steps.
 _CHECK_CPUS = 0
@@ -215,7 +215,7 @@ class RayExecutor:
             )
 
     def start(self, step: Step, log: Path) -> _Task:
-        env = {**step.env, "OMP_NUM_THREADS": str(step.threads)}
+        env = {**step.env, "OMP_NUM_THREADS": str(step.threads), STEP_ENV: "1"}
         Path(f"{log}.node").unlink(missing_ok=True)  # an earlier run's
         ref = self._remote.options(
             num_cpus=step.threads, num_gpus=1 if step.need.gpu else 0, memory=max(step.need.ram, 1),
