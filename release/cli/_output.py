@@ -123,7 +123,7 @@ def _signals_unwind_once() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
-GRACE_ENV = "MODEL_RELEASE_STOP_GRACE"  # seconds a step whose build is gone may take to stop (30)
+GRACE_ENV = "MODEL_RELEASE_STOP_GRACE"  # seconds a step whose build is gone may take to stop (60)
 _watching: list[threading.Thread] = []
 
 
@@ -137,7 +137,7 @@ def _watch_parent() -> None:
     if not os.environ.get(STEP_ENV) or _watching:
         return
     parent = os.getppid()
-    grace = float(os.environ.get(GRACE_ENV) or 30)
+    grace = float(os.environ.get(GRACE_ENV) or 60)
 
     def watch() -> None:
         while os.getppid() == parent:
