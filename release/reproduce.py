@@ -32,7 +32,7 @@ import yaml
 from release import TOOL_NAME
 from release.agreement import REFERENCE, gguf_header_string, recorded_hashes
 from release.errors import BadInputError, CheckFailedError
-from release.hashing import file_digest, sha256_file
+from release.hashing import sha256_file
 from release.manifest import MANIFEST, load_manifest
 from release.progress import NULL, Reporter
 from release.provenance import check_subjects, flag_value, read
@@ -267,7 +267,7 @@ def _gguf_differences(published: Path, rebuilt: Path) -> tuple[list[dict[str, An
     import numpy as np
     from gguf.quants import dequantize
 
-    from release.formats.gguf_header import ArrayField, read_header
+    from release.formats.gguf_header import ArrayField, read_header, tensor_digests
 
     a, b = read_header(published), read_header(rebuilt)
     keys = []
@@ -282,20 +282,19 @@ def _gguf_differences(published: Path, rebuilt: Path) -> tuple[list[dict[str, An
         if not same:
             keys.append(k)
     tb = {t.name: t for t in b.tensors}
+    da, db = tensor_digests(published, a), tensor_digests(rebuilt, b)
     out = []
-    with open(published, "rb", buffering=0) as fa_, open(rebuilt, "rb", buffering=0) as fb_:
-        for t in a.tensors:
-            u = tb.get(t.name)
-            if u is None:
-                out.append({"name": t.name, "type": t.tensor_type.name, "missing_from_rebuilt": True})
-                continue
-            same_kind = (u.tensor_type, u.shape) == (t.tensor_type, t.shape)
-            if same_kind and file_digest(fa_, t.offset, t.n_bytes) == file_digest(fb_, u.offset, u.n_bytes):
-                continue
-            x = np.fromfile(published, np.uint8, t.n_bytes, offset=t.offset)
-            y = np.fromfile(rebuilt, np.uint8, u.n_bytes, offset=u.offset)
-            out.append(_diff(t.name, t.tensor_type.name, dequantize(x, t.tensor_type).astype(np.float32).ravel(),
-                             dequantize(y, u.tensor_type).astype(np.float32).ravel()))  # fmt: skip
+    for t in a.tensors:
+        u = tb.get(t.name)
+        if u is None:
+            out.append({"name": t.name, "type": t.tensor_type.name, "missing_from_rebuilt": True})
+            continue
+        if (u.tensor_type, u.shape, db[u.name]) == (t.tensor_type, t.shape, da[t.name]):
+            continue
+        x = np.fromfile(published, np.uint8, t.n_bytes, offset=t.offset)
+        y = np.fromfile(rebuilt, np.uint8, u.n_bytes, offset=u.offset)
+        out.append(_diff(t.name, t.tensor_type.name, dequantize(x, t.tensor_type).astype(np.float32).ravel(),
+                         dequantize(y, u.tensor_type).astype(np.float32).ravel()))  # fmt: skip
     return out, keys
 
 

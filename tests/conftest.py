@@ -342,3 +342,15 @@ def smollm2_gptq(demo_release, tmp_path_factory) -> SimpleNamespace:
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders a failed run must not leave behind."""
     return [p.name for p in parent.rglob("*") if any(m in p.name for m in (".partial-", ".old-", ".model-release-"))]
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` ends within ``seconds`` (polled every 0.1 s)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

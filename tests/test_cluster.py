@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO, leftovers
+from tests.conftest import DEMO, gone_within, leftovers
 
 NODE_MEMORY = 6 << 30  # Ray's logical memory per node: above every SmolLM2 step's estimate
 
@@ -86,13 +86,7 @@ def test_release_on_two_nodes_equals_the_local_build_and_resumes_after_a_killed_
     # The step died with its worker (SIGTERM from the kernel) and cleaned up. Within 120 s: Python
     # runs the SIGTERM handler only once a C call returns (llama.cpp's quantizer took 18 s for
     # SmolLM2's Q4_K_M in a loaded suite), and a step still in C 60 s after ends itself, uncleaned.
-    for _ in range(1200):
-        try:
-            os.kill(step_pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
+    if not gone_within(step_pid, 120):
         pytest.fail(f"the step process {step_pid} outlived its Ray worker")
     left = {p.name: sorted(f"{q.name} {q.stat().st_size}" for q in p.iterdir())
             for p in gguf_dir.iterdir() if p.name.startswith(".model-release-")}  # fmt: skip

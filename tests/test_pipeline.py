@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from release.pipeline import STEPS_DIR
-from tests.conftest import DEMO, ROOT
+from tests.conftest import DEMO, ROOT, gone_within
 from tests.conftest import demo_release_file as _release_file
 
 NAME = DEMO
@@ -327,6 +327,19 @@ def test_an_interrupted_build_stops_its_running_steps(tmp_path):
             os.kill(pid, 0)
 
 
+def _kill_the_build_once_its_step_runs(build: str, pid_file: Path) -> int:
+    """Run ``build`` (Python code that starts a step writing its pid to ``pid_file``), SIGKILL the
+    build alone once the step runs, and return the step's pid."""
+    proc = subprocess.Popen([sys.executable, "-c", build], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the step did not start"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    return int(pid_file.read_text())
+
+
 def test_a_step_outlives_no_build_even_one_killed_with_sigkill(tmp_path):
     """`kill -9` of the build alone (not its process group) cannot run the build's clean-up: its
     steps get SIGTERM from the kernel (the parent-death signal) and run their own, instead of
@@ -348,21 +361,8 @@ root = Path({str(tmp_path)!r})
 steps = [Step("s", "release", [sys.executable, "-c", {step!r}], {{}}, [], list, Need(ram=1))]
 run_plan(Plan(root, steps, []), Records(root), LocalExecutor(), logs=root / "logs", jobs=1, budget=1 << 40)
 """
-    proc = subprocess.Popen([sys.executable, "-c", build], cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while not pid_file.is_file() or not pid_file.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, "the step did not start"
-        time.sleep(0.05)
-    step_pid = int(pid_file.read_text())
-    proc.kill()  # SIGKILL, to the build only
-    proc.wait()
-    for _ in range(100):
-        try:
-            os.kill(step_pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
+    step_pid = _kill_the_build_once_its_step_runs(build, pid_file)
+    if not gone_within(step_pid, 10):
         os.kill(step_pid, signal.SIGKILL)
         pytest.fail("the step outlived its build by 10 s")
     assert marker.read_text() == "x"  # it ended by SIGTERM, through its own clean-up
@@ -384,22 +384,8 @@ def test_a_step_stuck_in_c_code_ends_a_grace_period_after_its_build(tmp_path):
               f"env = {{**os.environ, 'MODEL_RELEASE_STEP': '1', 'MODEL_RELEASE_STOP_GRACE': '2'}}\n"
               f"subprocess.Popen([sys.executable, '-c', {step!r}], env=env, stderr=open({str(log)!r}, 'w'))\n"
               f"time.sleep(120)")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while not pid_file.is_file() or not pid_file.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, "the step did not start"
-        time.sleep(0.05)
-    step_pid = int(pid_file.read_text())
-    proc.kill()  # the build, SIGKILL
-    proc.wait()
-    started = time.monotonic()
-    while time.monotonic() - started < 20:
-        try:
-            os.kill(step_pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
+    step_pid = _kill_the_build_once_its_step_runs(parent, pid_file)
+    if not gone_within(step_pid, 20):
         os.kill(step_pid, signal.SIGKILL)
         pytest.fail("the step outlived its build by 20 s")
     assert "the build that ran this step is gone and the step did not stop within 2 s" in log.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -124,9 +125,9 @@ def _signals_unwind_once() -> Iterator[None]:
 
 
 GRACE_ENV = "MODEL_RELEASE_STOP_GRACE"  # seconds a step whose build is gone may take to stop (60)
-_watching: list[threading.Thread] = []
 
 
+@functools.cache  # once a process
 def _watch_parent() -> None:
     """A step must not outlive its build (or Ray worker) by more than a grace period. The parent's
     death sends it SIGTERM (``parent_death_signal``), but Python runs the handler only once the main
@@ -134,7 +135,7 @@ def _watch_parent() -> None:
     70B: an orphan holding a node's CPUs that the scheduler counts as free. This thread (which runs
     while the main one is in C: ctypes and torch release the GIL) sees the parent change, waits the
     grace for the clean unwind, then ends the process; the next build removes what it left."""
-    if not os.environ.get(STEP_ENV) or _watching:
+    if not os.environ.get(STEP_ENV):
         return
     parent = os.getppid()
     grace = float(os.environ.get(GRACE_ENV) or 60)
@@ -147,8 +148,7 @@ def _watch_parent() -> None:
                     "exiting (the next build removes its temporary output)\n".encode())  # fmt: skip
         os._exit(128 + signal.SIGTERM)
 
-    _watching.append(threading.Thread(target=watch, name="watch-parent", daemon=True))
-    _watching[0].start()
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 def run(action: Callable[[Reporter], T], *, as_json: bool, quiet: bool = False) -> T:

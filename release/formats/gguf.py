@@ -40,7 +40,7 @@ from release.errors import BadInputError, CheckFailedError, os_error_to_release_
 from release.formats import gguf_quants
 from release.formats import gguf_rope as rope
 from release.formats import imatrix as imatrix_fmt
-from release.formats.gguf_header import read_header
+from release.formats.gguf_header import read_header, tensor_digests
 from release.formats.gguf_names import lossless_type, tensor_name_map, variant_files
 from release.formats.gguf_vocab import GGUFVocab, load_vocab
 from release.licensing import apply_policy
@@ -830,16 +830,10 @@ def _tensor_digests(path: Path) -> dict[str, tuple[int, str]]:
     the first part of a split set holds the vocabulary)."""
     try:
         header = read_header(path)
+        digests = tensor_digests(path, header)
     except (ValueError, OSError) as exc:
         raise CheckFailedError(f"{path.name}: unreadable after writing ({exc})") from None
-    size = path.stat().st_size
-    out = {}
-    with open(path, "rb", buffering=0) as fh:  # read in pieces, as _check_direct does: never mapped whole
-        for t in header.tensors:
-            if t.offset + t.n_bytes > size:
-                raise CheckFailedError(f"{path.name}: truncated after writing")
-            out[t.name] = (int(t.tensor_type), hashing.file_digest(fh, t.offset, t.n_bytes))
-    return out
+    return {t.name: (int(t.tensor_type), digests[t.name]) for t in header.tensors}
 
 
 @contextlib.contextmanager

@@ -154,3 +154,19 @@ def read_header(path: Path) -> GGUFHeader:
             data_offset = c.at + (-c.at) % align
     tensors = [TensorInfo(name, dims, t, data_offset + off) for name, dims, t, off in infos]
     return GGUFHeader(version, fields, tensors, data_offset, types)
+
+
+def tensor_digests(path: Path, header: GGUFHeader | None = None) -> dict[str, str]:
+    """Each tensor's ``hashing.file_digest`` of its bytes, read in pieces (a 70B file is never
+    mapped whole). ValueError when a tensor runs past the end of the file."""
+    from release.hashing import file_digest
+
+    header = header or read_header(path)
+    size = Path(path).stat().st_size
+    out = {}
+    with open(path, "rb", buffering=0) as fh:
+        for t in header.tensors:
+            if t.offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+            out[t.name] = file_digest(fh, t.offset, t.n_bytes)
+    return out
