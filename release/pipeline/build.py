@@ -74,8 +74,12 @@ def build(
         with atomic_file(copy, force=True) as tmp:
             tmp.write_bytes(body)
     _tidy(plan, rf)
-    results = run_plan(plan, Records(plan.dist), runner, logs=logs, jobs=jobs or at_once, budget=budget,
-                       on_event=on_event)  # fmt: skip
+    try:
+        results = run_plan(plan, Records(plan.dist), runner, logs=logs, jobs=jobs or at_once, budget=budget,
+                           on_event=on_event)  # fmt: skip
+    finally:
+        if (close := getattr(runner, "close", None)) is not None:  # the local executor's step launcher
+            close()
     ordered = [results[s.name] for s in plan.steps]
     variants = _variant_rows(plan, results)
     failed = [r for r in ordered if r.status == "failed"]

@@ -8,16 +8,20 @@ implements only these two and reports the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from release.pipeline.launcher import Launcher, LauncherError, forkable, libc_prctl, wait_or_kill
 from release.pipeline.steps import Step
 from release.resources import STEP_ENV, fmt, vm_hwm
 
@@ -44,64 +48,115 @@ class Executor(Protocol):
 
 @dataclass
 class _Running:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None  # None: forked by the launcher
     peak: int = 0
+    pid: int = 0
+    stdout: Any = None  # the launched step's stdout, a temporary file read once it ended
+    launcher: Launcher | None = None
 
 
 _PR_SET_PDEATHSIG = 1
 
 
-def parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to send the step SIGTERM when the process that started it dies
-    (a build killed with SIGKILL, a Ray worker lost), so the step unwinds and removes its temporary
-    output instead of running on orphaned. ``prctl`` is looked up here, in the parent: the child of
-    a threaded parent must not import or ``dlopen``. None where there is no ``prctl`` (not Linux)."""
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the step SIGTERM (``sig``) when the process that started
+    it dies (a build killed with SIGKILL, a Ray worker lost), so the step unwinds and removes its
+    temporary output instead of running on orphaned. ``prctl`` is looked up here, in the parent: the
+    child of a threaded parent must not import or ``dlopen``. None where there is no ``prctl``."""
+    prctl = libc_prctl()
+    if prctl is None:
         return None
 
     def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(_PR_SET_PDEATHSIG, sig)
 
     return hook
 
 
 class LocalExecutor:
-    """Steps as local processes; ``verbose`` sends their stderr to the terminal instead of the log."""
+    """Steps as local processes; ``verbose`` sends their stderr to the terminal instead of the log.
+
+    ``model-release`` steps are forked by the step launcher (``pipeline.launcher``: torch and the
+    other libraries imported once per build, not once per step), anything else is started with
+    ``subprocess``, as is every step if the launcher cannot start."""
 
     def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
+        self._launcher: Launcher | None = None
+        self._no_launcher = False
+
+    def _launch(self) -> Launcher | None:
+        if self._launcher is None and not self._no_launcher:
+            try:
+                self._launcher = Launcher(parent_death_signal(signal.SIGKILL))
+            except (LauncherError, OSError):
+                self._no_launcher = True
+        return self._launcher
 
     def start(self, step: Step, log: Path) -> _Running:
+        env = {**os.environ, **step.env, "OMP_NUM_THREADS": str(step.threads), STEP_ENV: "1"}
+        argv = [*step.argv, "--json"]
         with open(log, "w", encoding="utf-8") as err:
+            if forkable(argv) and (launcher := self._launch()) is not None:
+                out = tempfile.TemporaryFile()  # noqa: SIM115 - read and closed when the step ends
+                try:
+                    pid = launcher.spawn(argv[3:], env, out.fileno(), 2 if self.verbose else err.fileno())
+                    return _Running(None, pid=pid, stdout=out, launcher=launcher)
+                except LauncherError:  # gone since: run this step and the next ones without it
+                    out.close()
+                    self._launcher, self._no_launcher = None, True
             proc = subprocess.Popen(
-                [*step.argv, "--json"], stdout=subprocess.PIPE, stderr=None if self.verbose else err, text=True,
-                env={**os.environ, **step.env, "OMP_NUM_THREADS": str(step.threads), STEP_ENV: "1"},
+                argv, stdout=subprocess.PIPE, stderr=None if self.verbose else err, text=True, env=env,
                 preexec_fn=parent_death_signal(),
             )  # fmt: skip
-        return _Running(proc)
+        return _Running(proc, pid=proc.pid)
 
     def stop(self, handle: _Running) -> None:
         # SIGTERM first: the step's command unwinds like Ctrl-C and removes its temporary output.
-        proc = handle.proc
-        proc.terminate()
+        if handle.proc is not None:
+            handle.proc.terminate()
+            wait_or_kill(handle.proc, 30)
+            return
+        for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if self._ended(handle) is not None:
+                    return
+                time.sleep(0.05)
+
+    def _ended(self, handle: _Running) -> tuple[int, int] | None:
+        """A launched step's exit code and peak once it ended; killed (-9) if the launcher died and
+        took it along unseen (the OOM killer's choice, or a kill of the launcher)."""
+        assert handle.launcher is not None
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            return handle.launcher.exit_code(handle.pid)
+        except LauncherError:
+            return (-signal.SIGKILL, 0)
 
     def poll(self, handle: _Running) -> Finished | None:
+        handle.peak = max(handle.peak, vm_hwm(handle.pid))  # sampled every 50 ms while it runs
+        if handle.proc is None:
+            ended = self._ended(handle)
+            if ended is None:
+                return None
+            handle.stdout.seek(0)
+            out = handle.stdout.read().decode("utf-8", errors="replace")
+            handle.stdout.close()
+            return Finished(ended[0], parse_summary(out), max(handle.peak, ended[1]), socket.gethostname())
         proc = handle.proc
-        handle.peak = max(handle.peak, vm_hwm(proc.pid))  # sampled every 50 ms while it runs
         exit_peak = reap(proc)
         if exit_peak is None:
             return None
         out, _ = proc.communicate()
         return Finished(proc.returncode, parse_summary(out), handle.peak or exit_peak, socket.gethostname())
+
+    def close(self) -> None:
+        """End the launcher (the build is over)."""
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
 
 
 def parse_summary(out: str) -> dict[str, Any]:
