@@ -239,13 +239,16 @@ def reproduce(
             for r in result.files:
                 if r["rebuilt_sha256"] is None or r["identical"]:
                     continue
-                if r["path"].endswith(".gguf"):
-                    t, m = _gguf_differences(folder / r["path"], rebuilt / r["path"])
-                    result.tensors += t
-                    result.metadata += m
-                elif r["path"].endswith(".safetensors"):
-                    result.tensors += _safetensors_differences(folder / r["path"], rebuilt / r["path"])
-                    result.metadata += _header_differences(folder / r["path"], rebuilt / r["path"])
+                try:
+                    if r["path"].endswith(".gguf"):
+                        t, m = _gguf_differences(folder / r["path"], rebuilt / r["path"])
+                        result.tensors += t
+                        result.metadata += m
+                    elif r["path"].endswith(".safetensors"):
+                        result.tensors += _safetensors_differences(folder / r["path"], rebuilt / r["path"])
+                        result.metadata += _header_differences(folder / r["path"], rebuilt / r["path"])
+                except _unreadable() as exc:  # a published file cut short or overwritten: say so, not a traceback
+                    r["unreadable"] = str(exc) or type(exc).__name__
             if result.tensors and (folder / REFERENCE).is_file():
                 published_path = folder / published[0] if kind == "gguf" else folder
                 rebuilt_path = rebuilt / published[0] if kind == "gguf" else rebuilt
@@ -257,6 +260,15 @@ def reproduce(
                 rebuilt.rename(kept)
     result.seconds = round(time.monotonic() - started, 2)
     return result
+
+
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What reading a damaged file raises: gguf_header's ValueError, an OSError, safetensors' error."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return (OSError, ValueError)
+    return (OSError, ValueError, SafetensorError)
 
 
 def _gguf_differences(published: Path, rebuilt: Path) -> tuple[list[dict[str, Any]], list[str]]:

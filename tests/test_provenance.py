@@ -13,6 +13,7 @@ import base64
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -229,6 +230,21 @@ def test_reproduce_gguf_byte_identical_and_a_tampered_tensor_named(demo_release,
     human = cli("reproduce", folder, "--variant", "Q4_K_M")
     monkeypatch.undo()
     assert human.exit_code == 1 and "tensor blk.3.attn_q.weight" in human.stdout and "KL of the rebuilt" in human.stdout
+    # A published file cut short (in a copy of its own): not identical, and said so in one line, not
+    # a traceback.
+    (tmp_path / "cut").mkdir()
+    folder = _copy(demo_release, tmp_path / "cut")
+    (tmp_path / "cut" / DEMO).symlink_to(demo_release.dir / DEMO)
+    cut = folder / f"{DEMO}-Q8_0.gguf"
+    os.truncate(cut, cut.stat().st_size // 2)
+    code, out, err = _reproduce(cli, folder, "Q8_0")
+    assert code == 1 and out.get("identical") is False and out["tensors"] == [], (code, err, json.dumps(out)[:2000])
+    assert "runs past the end of the file" in out["files"][0]["unreadable"], out["files"]
+    fields = {k: v for k, v in out.items() if k != "ok"}
+    monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: reproduce.ReproduceResult(**fields))
+    human = cli("reproduce", folder, "--variant", "Q8_0")
+    monkeypatch.undo()
+    assert human.exit_code == 1 and "the published file is unreadable: tensor " in human.stdout, human.stdout
     # A source with another checkpoint hash is refused, both hashes named.
     src, _, _ = tiny()
     code, out, err = _reproduce(cli, gguf, "Q8_0", "--source", src)

@@ -74,6 +74,8 @@ def _print(r: object) -> None:
     stdout.print(f"{r.variant}: rebuilt with `{' '.join(r.command)}` from {r.source}; {said}", highlight=False)
     for f in r.files:
         mark = "same" if f["identical"] else ("missing from the rebuild" if f["rebuilt_sha256"] is None else "differs")
+        if f.get("unreadable"):
+            mark += f" (the published file is unreadable: {f['unreadable']})"
         record = "" if f["matches_build_record"] else "; the published file is not the one the build record names"
         stdout.print(f"  {f['path']}: {mark}{record}", highlight=False)
     for t in r.tensors[:20]:

@@ -14,8 +14,9 @@ with pickled arguments, cannot hand the child its stdout and log as file descrip
 no exit status with resource usage; this is the small part it lacks, written here.
 
 Safety of fork: the launcher is single-threaded apart from OpenBLAS's pool (which re-creates itself
-after fork), never touches CUDA (steps initialise it themselves) and runs no torch op, so no OpenMP
-pool exists to be inherited. A step whose argv is not ``python -m release.cli ...`` (tests run plain
+after fork), never touches CUDA (steps initialise it themselves: llama.cpp, whose CUDA build may
+initialise CUDA when loaded, is not imported here) and runs no torch op, so no OpenMP pool exists
+to be inherited. A step whose argv is not ``python -m release.cli ...`` (tests run plain
 scripts) is started with ``subprocess``, as is every step with ``MODEL_RELEASE_LAUNCHER=spawn``.
 The Ray executor starts its steps with ``subprocess`` on the nodes.
 
