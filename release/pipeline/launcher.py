@@ -172,6 +172,8 @@ def serve(sock: socket.socket) -> dict[str, Any] | None:
             for name in imports.pop(request["argv"][0] if request["argv"] else "", []):  # once a command
                 with contextlib.suppress(ImportError):
                     importlib.import_module(name)
+            sys.stdout.flush()  # nothing of ours may reach a step's stdout (its --json summary)
+            sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
                 sock.close()
