@@ -344,6 +344,23 @@ def leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.rglob("*") if any(m in p.name for m in (".partial-", ".old-", ".model-release-"))]
 
 
+def one_step_build(root: Path, name: str, argv: list[str]) -> str:
+    """Python code that runs one step (``argv``; its log ROOT/logs/NAME.log) through the local
+    executor and the scheduler, as a build does: what the tests that kill a build start."""
+    return f"""
+from pathlib import Path
+from release.pipeline.local import LocalExecutor
+from release.pipeline.records import Records
+from release.pipeline.schedule import run_plan
+from release.pipeline.steps import Plan, Step
+from release.resources import Need
+root = Path({str(root)!r})
+(root / "logs").mkdir()
+steps = [Step({name!r}, "release", {[str(a) for a in argv]!r}, {{}}, [], list, Need(ram=1))]
+run_plan(Plan(root, steps, []), Records(root), LocalExecutor(), logs=root / "logs", jobs=1, budget=1 << 40)
+"""
+
+
 def gone_within(pid: int, seconds: float) -> bool:
     """Whether process ``pid`` ends within ``seconds`` (polled every 0.1 s)."""
     deadline = time.monotonic() + seconds

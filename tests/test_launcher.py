@@ -18,7 +18,7 @@ from release.pipeline import launcher as launcher_mod
 from release.pipeline.local import Finished, LocalExecutor
 from release.pipeline.steps import Step
 from release.resources import Need
-from tests.conftest import ROOT, gone_within, leftovers, tiny_config, tiny_state, write_folder
+from tests.conftest import ROOT, gone_within, leftovers, one_step_build, tiny_config, tiny_state, write_folder
 
 
 def _step(*args: object, threads: int = 1) -> Step:
@@ -105,20 +105,8 @@ def test_a_launched_step_dies_with_its_build_and_cleans_up(smollm2, tmp_path):
     """`kill -9` of the build alone: the launcher goes with it (parent-death SIGKILL), and the step
     the launcher forked gets SIGTERM from that and removes its temporary output."""
     out = tmp_path / "gguf"
-    build = f"""
-import sys
-from pathlib import Path
-from release.pipeline.local import LocalExecutor
-from release.pipeline.records import Records
-from release.pipeline.schedule import run_plan
-from release.pipeline.steps import Plan, Step
-from release.resources import Need
-root = Path({str(tmp_path)!r})
-(root / "logs").mkdir()
-argv = [sys.executable, "-m", "release.cli", "gguf", {str(smollm2.hf)!r}, "-o", {str(out)!r}, "-t", "Q8_0"]
-steps = [Step("gguf", "gguf", argv, {{}}, [], list, Need(ram=1))]
-run_plan(Plan(root, steps, []), Records(root), LocalExecutor(), logs=root / "logs", jobs=1, budget=1 << 40)
-"""
+    argv = [sys.executable, "-m", "release.cli", "gguf", smollm2.hf, "-o", out, "-t", "Q8_0"]
+    build = one_step_build(tmp_path, "gguf", argv)
     env = {**os.environ, launcher_mod.MODE_ENV: "fork"}
     proc = subprocess.Popen([sys.executable, "-c", build], cwd=ROOT, env=env)
     deadline = time.monotonic() + 180

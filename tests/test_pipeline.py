@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from release.pipeline import STEPS_DIR
-from tests.conftest import DEMO, ROOT, gone_within
+from tests.conftest import DEMO, ROOT, gone_within, one_step_build
 from tests.conftest import demo_release_file as _release_file
 
 NAME = DEMO
@@ -348,19 +348,7 @@ def test_a_step_outlives_no_build_even_one_killed_with_sigkill(tmp_path):
     step = (f"import os, signal, sys, time; from pathlib import Path\n"
             f"signal.signal(signal.SIGTERM, lambda *a: (Path({str(marker)!r}).write_text('x'), sys.exit(143)))\n"
             f"Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)")  # fmt: skip
-    build = f"""
-import sys
-from pathlib import Path
-from release.pipeline.local import LocalExecutor
-from release.pipeline.records import Records
-from release.pipeline.schedule import run_plan
-from release.pipeline.steps import Plan, Step
-from release.resources import Need
-root = Path({str(tmp_path)!r})
-(root / "logs").mkdir()
-steps = [Step("s", "release", [sys.executable, "-c", {step!r}], {{}}, [], list, Need(ram=1))]
-run_plan(Plan(root, steps, []), Records(root), LocalExecutor(), logs=root / "logs", jobs=1, budget=1 << 40)
-"""
+    build = one_step_build(tmp_path, "s", [sys.executable, "-c", step])
     step_pid = _kill_the_build_once_its_step_runs(build, pid_file)
     if not gone_within(step_pid, 10):
         os.kill(step_pid, signal.SIGKILL)

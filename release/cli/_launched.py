@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from release.pipeline.launcher import serve
+from release.resources import cpu_threads
 
 _PR_SET_NAME = 15
 
@@ -24,10 +25,8 @@ def _become_step(request: dict[str, Any]) -> list[str]:
     argv = [str(a) for a in request["argv"]]
     if request["prctl"] is not None:  # `ps -o comm` and top show the step, not the launcher
         request["prctl"](_PR_SET_NAME, f"mr {argv[0] if argv else 'step'}"[:15].encode())
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
-        # OpenMP read the launcher's environment when torch was imported; set the step's own count
-        sys.modules["torch"].set_num_threads(int(threads))
+    if "torch" in sys.modules:  # OpenMP read the launcher's environment when torch was loaded
+        sys.modules["torch"].set_num_threads(cpu_threads())  # the step's OMP_NUM_THREADS
     sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]
     return argv
 

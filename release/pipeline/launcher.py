@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from release.datafiles import data_file
@@ -149,6 +150,21 @@ def libc_prctl() -> Any:
         return None
 
 
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the step SIGTERM (``sig``) when the process that started
+    it dies (a build killed with SIGKILL, a Ray worker lost), so the step unwinds and removes its
+    temporary output instead of running on orphaned. ``prctl`` is looked up here, in the parent: the
+    child of a threaded parent must not import or ``dlopen``. None where there is no ``prctl``."""
+    prctl = libc_prctl()
+    if prctl is None:
+        return None
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig)
+
+    return hook
+
+
 def serve(sock: socket.socket) -> dict[str, Any] | None:
     """The launcher's loop (``release.cli._launched`` runs it). Returns only in a forked step, with
     its request; None once the build is gone."""
@@ -157,7 +173,8 @@ def serve(sock: socket.socket) -> dict[str, Any] | None:
     # its steps and then closes the socket. The launcher ends on that, or on its parent-death SIGKILL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    prctl = libc_prctl()
+    prctl = libc_prctl()  # the step names itself with it (release.cli._launched)
+    die_with_launcher = parent_death_signal()  # the step dies with the launcher, which dies with the build
     os.environ["MPLBACKEND"] = "Agg"  # what the validation report selects; a step gets its own environment
     imports: dict[str, list[str]] = data_file("step_imports.json")["commands"]
     sock.send(json.dumps({"ready": True}).encode())
@@ -177,9 +194,9 @@ def serve(sock: socket.socket) -> dict[str, Any] | None:
             pid = os.fork()
             if pid == 0:
                 sock.close()
-                if prctl is not None:  # the step dies with the launcher, which dies with the build
-                    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-                    if os.getppid() != me:
+                if die_with_launcher is not None:
+                    die_with_launcher()
+                    if os.getppid() != me:  # gone before the request took effect
                         os._exit(128 + signal.SIGTERM)
                 os.dup2(fds[0], 1)
                 os.dup2(fds[1], 2)

@@ -16,12 +16,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from release.pipeline.launcher import Launcher, LauncherError, forkable, libc_prctl, wait_or_kill
+from release.pipeline.launcher import Launcher, LauncherError, forkable, parent_death_signal, wait_or_kill
 from release.pipeline.steps import Step
 from release.resources import STEP_ENV, fmt, vm_hwm
 
@@ -53,24 +52,6 @@ class _Running:
     pid: int = 0
     stdout: Any = None  # the launched step's stdout, a temporary file read once it ended
     launcher: Launcher | None = None
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to send the step SIGTERM (``sig``) when the process that started
-    it dies (a build killed with SIGKILL, a Ray worker lost), so the step unwinds and removes its
-    temporary output instead of running on orphaned. ``prctl`` is looked up here, in the parent: the
-    child of a threaded parent must not import or ``dlopen``. None where there is no ``prctl``."""
-    prctl = libc_prctl()
-    if prctl is None:
-        return None
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, sig)
-
-    return hook
 
 
 class LocalExecutor:

@@ -30,7 +30,8 @@ from typing import Any
 
 from release.errors import BadInputError
 from release.extras import missing_extra
-from release.pipeline.local import Finished, parent_death_signal, parse_summary
+from release.pipeline.launcher import parent_death_signal
+from release.pipeline.local import Finished, parse_summary
 from release.pipeline.steps import Step
 from release.resources import STEP_ENV, fmt, vm_hwm
 
