@@ -115,6 +115,10 @@ def test_a_launched_step_dies_with_its_build_and_cleans_up(smollm2, tmp_path):
         time.sleep(0.05)
     (launcher,) = _children(proc.pid)
     (step,) = _children(launcher)
+    # ps and pgrep -f see the step's command line and name, not the launcher's.
+    cmdline = Path(f"/proc/{step}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    assert cmdline.startswith(" ".join(map(str, argv))), cmdline  # the executor adds --json
+    assert Path(f"/proc/{step}/comm").read_text().strip() == "mr gguf"
     proc.kill()
     proc.wait()
     assert gone_within(launcher, 10), "the launcher outlived its build"
