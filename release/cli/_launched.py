@@ -49,11 +49,11 @@ def main() -> None:
     if request is None:
         return
     argv = _become_step(request)
-    from release.cli import app, quiet_libraries
+    from release.cli import app, quiet_libraries, run
 
     quiet_libraries(argv)
     # Exits through SystemExit: the interpreter's normal exit (atexit, threads joined, buffers flushed).
-    app(args=argv, prog_name="python -m release.cli")
+    run(lambda: app(args=argv, prog_name="python -m release.cli"))
 
 
 if __name__ == "__main__":

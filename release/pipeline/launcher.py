@@ -30,6 +30,7 @@ would from the build itself.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -191,6 +192,11 @@ def serve(sock: socket.socket) -> dict[str, Any] | None:
                     importlib.import_module(name)
             sys.stdout.flush()  # nothing of ours may reach a step's stdout (its --json summary)
             sys.stderr.flush()
+            # Out of the collector's reach, what the step inherits: without it, each step's full
+            # collections, and its exit (finalisation collects everything it holds), walk the
+            # launcher's half a million objects, writing to every page that holds one (copy-on-write).
+            # Measured: a tiny 13-step build 38-41 s -> 24-27 s, its steps' exits 1.2-2.3 s -> 0.
+            gc.freeze()
             pid = os.fork()
             if pid == 0:
                 sock.close()
