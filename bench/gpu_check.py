@@ -7,7 +7,8 @@ Llama-2-7B-shaped checkpoint (random weights, generated here on the GPU):
     the CPU for SmolLM2: time, peak GPU memory, and how far apart the stored log-probs are;
   - validation of the source folder itself in transformers on CUDA (a lossless variant: KL ~0);
   - the importance matrix on CUDA, resident and streamed, against the CPU's (largest relative difference);
-  - GPTQ 4-bit on CUDA and its validation, where GPTQModel imports (it needs torch >= 2.14.1).
+  - GPTQ 4-bit on CUDA and its validation, where GPTQModel imports (it needs torch >= 2.14.1), after
+    `model-release kernels` has built GPTQModel's kernels (its CUDA block update needs nvcc; timed on its own row).
 Each run is its own process (`gpu_check.py _run ...`), so peak memory is per run.
 
     python bench/gpu_check.py [--work DIR] [--tokenizer DIR] [--skip-7b] [--json OUT.json]
@@ -58,6 +59,12 @@ def worker(argv: list[str]) -> None:
 
         r = collect_to_file(Path(src), Path(dst), device=device, forward=mode, force=True)
         out = {"forward": r.forward, "s_per_1000_tokens": round(r.seconds_per_1000_tokens, 3), "tokens": r.tokens}
+    elif kind == "kernels":  # GPTQModel's kernels, compiled here so the GPTQ timing below holds none
+        (device,) = rest
+        from release.formats.gptq_kernels import build_kernels
+
+        kernels = build_kernels(device).kernels
+        out = {"kernels": {k.name: {"status": k.status, "s": k.seconds, "note": k.note[:160]} for k in kernels}}
     elif kind == "gptq":
         src, dst, device = rest
         from release.formats.gptq import GPTQSettings, quantize
@@ -168,6 +175,7 @@ def main() -> None:
         rows.append({"run": "smollm2 gptq 4-bit cuda", "error": f"GPTQModel not importable here: {exc}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
     if has_gptq:
+        run(f"gptq kernels {dev}", "kernels", dev, rows=rows)
         run(f"smollm2 gptq 4-bit {dev}", "gptq", str(smol), str(w / "smol-gptq"), dev, rows=rows)
         run(f"smollm2 validate gptq {dev}", "validate", str(w / "smol-gptq"), str(w / "smol-res.st"), dev, "auto",
             rows=rows)  # fmt: skip

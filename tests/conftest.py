@@ -157,11 +157,16 @@ def cli() -> Callable[..., Result]:
 
 
 def run_subprocess(
-    *args: object, preexec: Callable[[], None] | None = None, timeout: float = 300, **kw
+    *args: object,
+    preexec: Callable[[], None] | None = None,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    **kw,
 ) -> subprocess.CompletedProcess:
-    """Run the installed CLI in a child process (for resource limits and real exit paths)."""
+    """Run the installed CLI in a child process (for resource limits and real exit paths), with
+    ``env`` added to this process's environment."""
     code = "from release.cli import main; main()"
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
         capture_output=True,

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from release.calibration import build_calibration
 from release.formats.gptq import GPTQSettings, quantize
 from release.metadata import ReleaseMetadata
-from tests.conftest import leftovers
+from tests.conftest import leftovers, run_subprocess
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -217,3 +217,29 @@ def test_gptqmodel_writes_no_logs_into_the_working_directory(smollm2_gptq):
     points it into its temporary folder (a stray log once landed in the repository)."""
     assert smollm2_gptq.output and Path(smollm2_gptq.output).is_dir()
     assert not (Path.cwd() / "logs").exists(), sorted(p.name for p in (Path.cwd() / "logs").iterdir())
+
+
+@pytest.mark.real_model
+def test_kernels_builds_every_kernel_a_gptq_build_compiles_and_names_a_failed_build(smollm2_gptq, tmp_path):
+    """`kernels` builds ahead what GPTQModel compiles on first use. After the demo build (a GPTQ step
+    and its validation), every kernel in GPTQModel's cache is one `kernels` builds, so a build after
+    `kernels` compiles nothing; a compiler that fails is named, with exit code 1."""
+    from gptqmodel.utils.cpu_features import has_avx512_bf16
+
+    r = run_subprocess("kernels", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    status = {k["name"]: k["status"] for k in out["kernels"]}
+    assert out["ok"] and status["pack_block_cpu"] == "ready"
+    assert status["int4_qzero_group_scaled_cpu"] == ("ready" if has_avx512_bf16() else "unused")
+    compiled = {p.parent.parent.name for p in Path(out["cache"]).glob("*/*/*.so")}
+    assert "pack_block_cpu" in compiled
+    assert compiled <= {n for n, s in status.items() if s == "ready"}, (
+        f"`kernels` does not build {compiled - set(status)}"
+    )
+
+    env = {"GPTQMODEL_TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": "/bin/false"}
+    r = run_subprocess("kernels", "--device", "cpu", env=env)
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:2] == ["pack_block_cpu", "failed"] and "/bin/false" in lines[0]

@@ -178,6 +178,8 @@ def test_the_release_workflow_runs_job_by_job_and_publishes_a_verified_release(w
         assert steps["convert"] == steps["reference"] == "skipped", (job, steps)
     assert statuses("gguf", "build-gguf.json")["gguf-Q8_0"] == "done"
     assert statuses("gptq", "build-gptq.json")["gptq"] == "done"
+    kernels = json.loads((tmp_path / "runners" / "gptq" / "repo" / "kernels-gptq.json").read_text())
+    assert kernels["ok"] and "pack_block_cpu" in {k["name"] for k in kernels["kernels"] if k["status"] == "ready"}
     # The protected job made only what needs the key and the whole release: cards, manifests, signatures.
     final = statuses("publish", "build-release.json")
     assert {k for k, v in final.items() if v == "done"} == {"card", "manifest", "sign"}, final

@@ -16,6 +16,7 @@ from release.cli.gptq import gptq_command
 from release.cli.hub import fetch_command, hub_app, publish_command
 from release.cli.imatrix import imatrix_command
 from release.cli.inspect import inspect_command
+from release.cli.kernels import kernels_command
 from release.cli.reproduce import reproduce_command
 from release.cli.sign import keygen_command, manifest_command, sign_command, verify_command
 from release.cli.validate import reference_command, validate_command
@@ -65,6 +66,7 @@ app.command("fetch")(fetch_command)
 app.command("reproduce")(reproduce_command)
 app.add_typer(hub_app, name="hub")
 app.command("fixture")(fixture_command)
+app.command("kernels")(kernels_command)
 
 
 def quiet_libraries(argv: list[str]) -> None:
