@@ -455,6 +455,9 @@ def test_base_install_fetches_and_verifies_without_torch_or_llama_cpp(cli, relea
     assert (again / f"{DEMO}-Q4_K_M.gguf").is_file()
     code, _, _, stderr = _in_base(base_venv, "gguf", out, "-o", tmp_path / "g", "-t", "Q8_0")
     assert code == 2 and "pip install 'model-release[gguf]'" in stderr and "Traceback" not in stderr
+    code, heavy, stdout, _ = _in_base(base_venv, "kernels", "--json")  # no GPTQModel: nothing to build
+    res = json.loads(stdout)
+    assert code == 0 and heavy == [] and res["ok"] and res["gptqmodel"] is None and res["kernels"] == []
 
     # A tampered file on the server is refused the same way as with the full install.
     api = HfApi(endpoint=hub.url, token=TOKEN)
