@@ -220,14 +220,14 @@ def test_gptqmodel_writes_no_logs_into_the_working_directory(smollm2_gptq):
 
 
 @pytest.mark.real_model
-def test_kernels_builds_every_kernel_a_gptq_build_compiles_and_names_a_failed_build(smollm2_gptq, tmp_path):
+def test_kernels_builds_every_kernel_a_gptq_build_compiles_and_names_a_failed_build(smollm2_gptq, cli, tmp_path):
     """`kernels` builds ahead what GPTQModel compiles on first use. After the demo build (a GPTQ step
     and its validation), every kernel in GPTQModel's cache is one `kernels` builds, so a build after
     `kernels` compiles nothing; a compiler that fails is named, with exit code 1."""
     from gptqmodel.utils.cpu_features import has_avx512_bf16
 
-    r = run_subprocess("kernels", "--device", "cpu", "--json")
-    assert r.returncode == 0, r.stderr
+    r = cli("kernels", "--device", "cpu", "--json")  # in-process: this worker has GPTQModel imported
+    assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
     status = {k["name"]: k["status"] for k in out["kernels"]}
     assert out["ok"] and status["pack_block_cpu"] == "ready"
@@ -238,6 +238,7 @@ def test_kernels_builds_every_kernel_a_gptq_build_compiles_and_names_a_failed_bu
         f"`kernels` does not build {compiled - set(status)}"
     )
 
+    # A fresh process: one that has loaded a kernel keeps it, whatever the cache folder says.
     env = {"GPTQMODEL_TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": "/bin/false"}
     r = run_subprocess("kernels", "--device", "cpu", env=env)
     assert r.returncode == 1
