@@ -37,7 +37,7 @@ class Kernel:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class KernelReport:
     gptqmodel: str | None  # None: not installed, nothing to build
     device: str
     kernels: tuple[Kernel, ...]
@@ -73,11 +73,11 @@ def _first_words(message: str) -> str:
     return first[first.find("failed to build") :] if "failed to build" in first else first
 
 
-def build_kernels(device: str = "auto") -> Prepared:
+def build_kernels(device: str = "auto") -> KernelReport:
     """Build (or find built) every kernel a GPTQ step on ``device`` would compile on first use."""
     installed = library_versions(("gptqmodel",)).get("gptqmodel")
     if installed is None:
-        return Prepared(None, device, ())
+        return KernelReport(None, device, ())
     from release.formats.gptq import import_gptqmodel, resolve_device
 
     device = resolve_device(device)
@@ -98,4 +98,4 @@ def build_kernels(device: str = "auto") -> Prepared:
         from gptqmodel.quantization import gptq_cuda
 
         kernels.append(_build("gptq_block_update", gptq_cuda.block_update_available))
-    return Prepared(installed, device, tuple(kernels), str(default_torch_ops_build_root("")))
+    return KernelReport(installed, device, tuple(kernels), str(default_torch_ops_build_root("")))
