@@ -45,6 +45,7 @@ ALL_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q5_1", "Q6_K", "Q5_K_M", "Q4_K_M"]
 # Mean KL(HF || GGUF) over every position of PROMPTS. Measured 2026-11-26: F16 4e-6, BF16 0.00075,
 # Q8_0 0.0054, Q6_K 0.042, Q4_K_M 0.082, Q5_K_M 0.152, Q5_1 0.272, Q4_0 0.611 (a 135M model with
 # 576-wide rows, where llama.cpp's k-quant mixes fall back to Q5_0/Q5_1/Q8_0 for most tensors).
+# 2026-12-06, the k-quants with the 4-chunk imatrix of `written`: Q6_K 0.042, Q5_K_M 0.096, Q4_K_M 0.057.
 KL_LIMITS = {
     "F16": 1e-4,
     "BF16": 2e-3,
@@ -103,7 +104,9 @@ def reference(hf):
 @pytest.fixture(scope="module")
 def written(smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
-    result = write_gguf(smollm2.hf, out, ALL_TYPES, metadata=META)
+    # The imatrix on 4 chunks of the calibration text, as the demo release collects it: the whole text
+    # (10 chunks) cost 25 s of CPU here; the k-quants stay far inside their KL limits below.
+    result = write_gguf(smollm2.hf, out, ALL_TYPES, metadata=META, imatrix_chunks=4)
     return result, out
 
 
@@ -114,7 +117,7 @@ def test_every_type_written_once_with_the_expected_file_names(written):
     # The k-quants were made with an importance matrix collected from the source (--imatrix auto), shipped beside them.
     names = [f"SmolLM2-135M-Instruct-{t}.gguf" for t in ALL_TYPES] + ["SmolLM2-135M-Instruct.imatrix"]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
-    assert result.imatrix is not None and result.imatrix["entries"] == 210
+    assert result.imatrix is not None and result.imatrix["entries"] == 210 and result.imatrix["chunks"] == 4
     by_type = {o.type: o for o in result.outputs}
     # SmolLM2 rows are 576 wide (not a multiple of 256): llama.cpp falls back, and we say so.
     assert by_type["Q4_K_M"].fallbacks and "576" in by_type["Q4_K_M"].fallbacks[0]
@@ -382,6 +385,20 @@ def test_nan_weights_refused_and_nothing_left(tiny, smollm2, cli, tmp_path):
     assert "model.layers.1.mlp.up_proj.weight holds NaN/Inf" in r.error_lines[0]
     assert not out.exists()
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.real_model
+def test_imatrix_chunks_limit_the_collected_text_and_apply_only_to_auto(tiny, smollm2, cli, tmp_path):
+    src, _, _ = tiny("st-single", vocab_size=49152)
+    _with_tokenizer(src, smollm2)
+    r = cli("gguf", src, "-o", tmp_path / "out", "-t", "Q4_K_M", "--imatrix-chunks", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    im = json.loads(r.stdout)["imatrix"]
+    assert im["chunks"] == 2 and gguf.GGUFReader(im["path"]).fields["imatrix.chunk_count"].contents() == 2
+    out = tmp_path / "none"
+    r = cli("gguf", src, "-o", out, "-t", "Q4_K_M", "--imatrix", "none", "--imatrix-chunks", "2")
+    assert r.exit_code == 2 and "--imatrix-chunks" in r.error_lines[0] and "--imatrix none" in r.error_lines[0]
+    assert not out.exists()
 
 
 @pytest.mark.real_model

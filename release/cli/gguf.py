@@ -82,6 +82,13 @@ def gguf_command(
     ),
     imatrix: str = typer.Option("auto", "--imatrix", help=IMATRIX_HELP),
     calibration: Path | None = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
+    imatrix_chunks: int | None = typer.Option(
+        None,
+        "--imatrix-chunks",
+        min=1,
+        help="With --imatrix auto: 512-token chunks of the calibration text to collect it on (default: all "
+        "the text gives), as `imatrix --chunks` and the release file's imatrix_chunks.",
+    ),
     device: str = typer.Option("cpu", "--device", help="torch device for collecting the imatrix (cpu, cuda)."),
     forward: str = typer.Option("auto", "--forward", help=FORWARD_HELP),
     intermediate: Path | None = typer.Option(
@@ -121,6 +128,7 @@ def gguf_command(
             allow_nonfinite=allow_nonfinite,
             imatrix=imatrix,
             calibration=calibration,
+            imatrix_chunks=imatrix_chunks,
             device=device,
             forward=forward,
             intermediate=intermediate,

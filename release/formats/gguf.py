@@ -409,6 +409,7 @@ def write_gguf(
     split_max_size: int | None = None,
     imatrix: str = "auto",
     calibration: Path | None = None,
+    imatrix_chunks: int | None = None,
     device: str = "cpu",
     forward: str = "auto",
     intermediate: Path | None = None,
@@ -420,8 +421,9 @@ def write_gguf(
 
     ``imatrix`` applies to the types llama.cpp quantizes (k-quants, IQ): ``auto`` collects an
     importance matrix from the source on ``calibration`` (built-in medical text by default) and
-    writes it beside the variants as ``<name>.imatrix``; a path uses that file; ``none`` uses none
-    (the types that need one are then refused).
+    writes it beside the variants as ``<name>.imatrix`` (on ``imatrix_chunks`` 512-token chunks of
+    it, None: all it gives, as the release file's ``imatrix_chunks``); a path uses that file;
+    ``none`` uses none (the types that need one are then refused).
 
     ``intermediate``: the lossless GGUF the llama.cpp types are quantized from, already written (a
     build writes it once for all its k-quant and IQ steps, or ships it as its F16/BF16 variant);
@@ -441,6 +443,9 @@ def write_gguf(
         raise BadInputError(f"--split-max-size {split_max_size} bytes is too small (at least 1 MB)")
     kquants = [t for t in wanted if t.via == "llama.cpp"]
     im_mode = _imatrix_mode(imatrix, kquants)
+    if imatrix_chunks is not None and imatrix != "auto":
+        raise BadInputError("--imatrix-chunks sets how much text --imatrix auto collects on; it does not apply to "
+                            f"--imatrix {imatrix}")  # fmt: skip
     im_target = out_dir / f"{base}{imatrix_fmt.SUFFIX}"
     if im_mode == "auto" and im_target.exists() and not force:
         raise BadInputError(f"{im_target} exists (pass --force to replace it, or --imatrix {im_target} to use it)")
@@ -487,8 +492,8 @@ def write_gguf(
                         raise BadInputError(f"--intermediate {Path(intermediate).name} was made from other weights "
                                             "than the source")  # fmt: skip
                 if im_mode == "auto":  # after the pass that refuses NaN weights with the tensor's name
-                    im = imatrix_fmt.collect(src, calibration=calibration, device=device, forward=forward,
-                                             reporter=reporter, warnings=warnings)  # fmt: skip
+                    im = imatrix_fmt.collect(src, calibration=calibration, chunks=imatrix_chunks, device=device,
+                                             forward=forward, reporter=reporter, warnings=warnings)  # fmt: skip
                     imatrix_fmt.write(tmp / im_target.name, im)
                     im_file = im_target.name
                 outputs: list[GGUFOutput] = []
