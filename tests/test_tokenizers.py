@@ -106,26 +106,20 @@ def test_llama_cpp_tokenizes_like_the_tokenizers_library(carried):
         m.close()
 
 
-def _token_types(path: Path) -> list[int]:
-    """``tokenizer.ggml.token_type`` as written in the file, through our header reader (gguf-py's
-    GGUFReader parses 262k token strings one by one first: 15 s for Gemma 3)."""
-    from release.formats.gguf_header import read_header
-
-    field = read_header(path).fields["tokenizer.ggml.token_type"]
-    return np.fromfile(path, dtype=gguf.GGUFReader.gguf_scalar_to_np[field.item_type], count=field.count,
-                       offset=field.offset).tolist()  # fmt: skip
-
-
 def test_added_tokens_are_typed_by_their_own_flag_and_the_template_is_carried(carried):
-    """The token types the GGUF file carries, and its chat template as llama.cpp reads it."""
+    """The token types the GGUF file carries (read with our header reader: gguf-py's GGUFReader
+    parses 262k token strings one by one first, 15 s for Gemma 3), and its chat template as
+    llama.cpp reads it."""
     from llama_cpp import Llama
+
+    from release.formats.gguf_header import read_header
 
     name, tokdir, _, path = carried
     tj = json.loads((tokdir / "tokenizer.json").read_text())
     config = json.loads((tokdir / "tokenizer_config.json").read_text())
     flags = {a["id"]: a["special"] for a in tj["added_tokens"]}
     flags.update({int(i): e["special"] for i, e in config.get("added_tokens_decoder", {}).items()})
-    types = _token_types(path)
+    types = read_header(path).value("tokenizer.ggml.token_type")
     counts = collections.Counter(types)
     assert counts[gguf.TokenType.CONTROL] == sum(flags.values()), name
     assert counts[gguf.TokenType.USER_DEFINED] == sum(not s for s in flags.values()), name

@@ -442,10 +442,7 @@ def write_gguf(
     if split_max_size is not None and split_max_size < 1 << 20:
         raise BadInputError(f"--split-max-size {split_max_size} bytes is too small (at least 1 MB)")
     kquants = [t for t in wanted if t.via == "llama.cpp"]
-    im_mode = _imatrix_mode(imatrix, kquants)
-    if imatrix_chunks is not None and imatrix != "auto":
-        raise BadInputError("--imatrix-chunks sets how much text --imatrix auto collects on; it does not apply to "
-                            f"--imatrix {imatrix}")  # fmt: skip
+    im_mode = _imatrix_mode(imatrix, kquants, imatrix_chunks)
     im_target = out_dir / f"{base}{imatrix_fmt.SUFFIX}"
     if im_mode == "auto" and im_target.exists() and not force:
         raise BadInputError(f"{im_target} exists (pass --force to replace it, or --imatrix {im_target} to use it)")
@@ -575,9 +572,12 @@ def _imatrix_summary(im: imatrix_fmt.IMatrix | None, file: str, path: Path) -> d
             "chunk_size": im.chunk_size, "entries": len(im.sums), **im.info}  # fmt: skip
 
 
-def _imatrix_mode(imatrix: str, kquants: list[GGUFType]) -> str:
+def _imatrix_mode(imatrix: str, kquants: list[GGUFType], chunks: int | None) -> str:
     """auto | file | none, after refusing what cannot work."""
     mode = imatrix if imatrix in ("auto", "none") else "file"
+    if chunks is not None and mode != "auto":
+        raise BadInputError("--imatrix-chunks sets how much text --imatrix auto collects on; it does not apply to "
+                            f"--imatrix {imatrix}")  # fmt: skip
     if mode == "file" and not Path(imatrix).is_file():
         raise BadInputError(f"--imatrix {imatrix}: no such file (or use auto / none)")
     if not kquants:
